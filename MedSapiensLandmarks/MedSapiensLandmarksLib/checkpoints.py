@@ -1,0 +1,131 @@
+"""Model files: our own format (safetensors + JSON model card) and official MedSapiens files."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_write
+from .model import LandmarkNet
+
+CARD_FORMAT = "medsapiens-landmarks-model/1"
+DEFAULT_MODEL = "ceph-default"
+
+
+class CheckpointError(ValueError):
+    """A model file that cannot be used; the message names the file and the problem."""
+
+
+def models_dir() -> Path:
+    """Shipped models: $MEDSAPIENS_MODELS, else the extension's Resources/Models."""
+    env = os.environ.get("MEDSAPIENS_MODELS")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "Resources" / "Models"
+
+
+def resolve(model: str | Path) -> Path:
+    """Name of a shipped model ("default" included) or a path -> an existing path."""
+    name = DEFAULT_MODEL if str(model) == "default" else str(model)
+    shipped = models_dir() / name
+    if shipped.is_dir():
+        return shipped / "model.json"
+    path = Path(model)
+    if path.is_dir():
+        path = path / "model.json"
+    if not path.exists():
+        raise CheckpointError(f"{model}: model not found (neither a shipped model in "
+                              f"{models_dir()} nor an existing file)")
+    return path
+
+
+def load_model(model: str | Path = "default", device: str | None = None):
+    """Build a `Detector` from a model card, a model folder, or an official .pth checkpoint."""
+    path = resolve(model)
+    if path.suffix == ".pth":
+        from .official import load_official
+
+        return load_official(path, device=device)
+    return load_card_model(path, device=device)
+
+
+def read_card(path: Path) -> dict[str, Any]:
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not a readable model card ({err})") from None
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        raise CheckpointError(f"{path}: not a model card (expected \"format\": \"{CARD_FORMAT}\")")
+    for key in ("coarse", "landmarks", "weights"):
+        if key not in card:
+            raise CheckpointError(f"{path}: model card lacks the '{key}' field")
+    return card
+
+
+def build_nets(card: dict[str, Any]) -> tuple[LandmarkNet, LandmarkNet | None]:
+    k = len(card["landmarks"])
+    nets = []
+    for stage in ("coarse", "refine"):
+        spec = card.get(stage)
+        if spec is None:
+            nets.append(None)
+            continue
+        if spec["net"].get("num_keypoints", k) != k:
+            raise CheckpointError(f"model card: {stage} net has {spec['net']['num_keypoints']} "
+                                  f"outputs but the card names {k} landmarks")
+        nets.append(LandmarkNet({**spec["net"], "num_keypoints": k}))
+    return nets[0], nets[1]
+
+
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load whose error names the missing, unexpected and mis-shaped keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                            ("wrong shapes", shapes)):
+            if keys:
+                more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
+                parts.append(f"{label}: {', '.join(keys[:8])}{more}")
+        raise CheckpointError(f"{source}: weights do not match the model; " + "; ".join(parts))
+    module.load_state_dict(state)
+
+
+def load_card_model(card_path: Path, device: str | None = None):
+    from .detector import Detector
+
+    card = read_card(card_path)
+    weights = card_path.parent / card["weights"]
+    if not weights.exists():
+        raise CheckpointError(f"{weights}: weights file named by the model card is missing")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from None
+    coarse, refine = build_nets(card)
+    holder = torch.nn.ModuleDict({"coarse": coarse, **({"refine": refine} if refine else {})})
+    load_state(holder, state, str(weights))
+    return Detector(card, coarse, refine, device=device)
+
+
+def save_model(out_dir: Path, card: dict[str, Any], coarse: torch.nn.Module,
+               refine: torch.nn.Module | None = None) -> Path:
+    """Write model.safetensors + model.json atomically into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {f"coarse.{k}": v for k, v in coarse.state_dict().items()}
+    if refine is not None:
+        state.update({f"refine.{k}": v for k, v in refine.state_dict().items()})
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    card = {**card, "format": CARD_FORMAT, "weights": "model.safetensors"}
+    with atomic_write(out_dir / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    with atomic_write(out_dir / "model.json") as tmp:
+        tmp.write_text(json.dumps(card, indent=2) + "\n")
+    return out_dir / "model.json"

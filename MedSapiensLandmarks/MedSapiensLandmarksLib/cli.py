@@ -1,0 +1,234 @@
+"""Command line: ``medsapiens-landmarks detect | evaluate | train``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .checkpoints import CheckpointError
+from .imageio import ImageError, PLAIN_FORMATS
+
+IMAGE_SUFFIXES = PLAIN_FORMATS | {".dcm", ".nrrd", ".nhdr", ".nii", ".gz", ".mha", ".mhd"}
+FORMATS = ("mrk.json", "fcsv", "csv", "png")
+
+
+class UsageError(ValueError):
+    """Bad command-line input (exit code 2)."""
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Files as given, folders expanded to their image files (sorted)."""
+    out = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(p)
+    return out
+
+
+def case_stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".mrk.json"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def parse_formats(text: str) -> list[str]:
+    fmts = [f.strip().lstrip(".") for f in text.split(",") if f.strip()]
+    bad = [f for f in fmts if f not in FORMATS]
+    if bad or not fmts:
+        raise UsageError(f"unknown output format(s) {', '.join(bad) or text!r}; choose from {', '.join(FORMATS)}")
+    return fmts
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .detector import Detector
+    from .imageio import read_image
+    from .markups import write_csv, write_fcsv, write_markups
+    from .overlay import write_overlay
+
+    fmts = parse_formats(args.format)
+    files = expand_inputs(args.inputs)
+    if not files:
+        raise UsageError("no input images (folders are searched for image files by extension)")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: output path exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    det = Detector.load(args.model, device=args.device, threads=args.threads)
+    if args.flip:
+        det.card["coarse"]["input"]["flip_test"] = True
+    failures = 0
+    bar = tqdm(files, unit="image", disable=len(files) < 2 or args.quiet, file=sys.stderr)
+    for path in bar:
+        try:
+            image = read_image(path, spacing=args.spacing, slice_index=args.slice, axis=args.axis)
+            lm = det.detect(image)
+            stem = out / case_stem(path)
+            writers = {"mrk.json": lambda: write_markups(f"{stem}.mrk.json", lm, name=case_stem(path)),
+                       "fcsv": lambda: write_fcsv(f"{stem}.fcsv", lm),
+                       "csv": lambda: write_csv(f"{stem}.csv", lm),
+                       "png": lambda: write_overlay(f"{stem}.overlay.png", image, lm)}
+            written = [writers[f]() for f in fmts]
+            if not image.spacing_known and args.spacing is None and not args.quiet:
+                bar.write(f"warning: {path}: the file has no pixel spacing; positions use 1 mm/pixel "
+                          f"(give --spacing)", file=sys.stderr)
+            if not args.quiet:
+                bar.write(f"{path}: {len(lm)} landmarks -> {', '.join(str(w) for w in written)}")
+        except (ImageError, OSError) as err:
+            failures += 1
+            bar.write(f"error: {err}", file=sys.stderr)
+    return 2 if failures else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .datasets import read_landmark_csv
+    from .detector import Detector
+    from .imageio import read_image
+    from .metrics import SDR_RADII_MM, hand_scale, summarize
+
+    cases = read_landmark_csv(args.csv, args.images, spacing=args.spacing)
+    truth = np.stack([c.xy for c in cases])
+    if args.second_csv:
+        other = {c.case_id: c.xy for c in read_landmark_csv(args.second_csv, args.images)}
+        truth = np.stack([(c.xy + other[c.case_id]) / 2 for c in cases])
+    if args.limit:
+        cases, truth = cases[: args.limit], truth[: args.limit]
+    det = Detector.load(args.model, device=args.device, threads=args.threads)
+    if args.flip:
+        det.card["coarse"]["input"]["flip_test"] = True
+    if truth.shape[1] != len(det.names):
+        raise UsageError(f"{args.csv} has {truth.shape[1]} landmarks, the model {len(det.names)}")
+    preds, scales, confs = [], [], []
+    t0 = time.time()
+    for case in cases:
+        image = read_image(case.image, spacing=case.spacing)
+        lm = det.detect(image)
+        preds.append(lm.xy)
+        confs.append(lm.confidence)
+        scales.append(image.spacing[0])
+    seconds = (time.time() - t0) / len(cases)
+    preds = np.stack(preds)
+    mm = hand_scale(truth) if args.hand else np.array(scales)
+    errors = np.linalg.norm(preds - truth, axis=-1) * mm[:, None]
+    radii = (2.0, 4.0, 10.0) if args.hand else SDR_RADII_MM
+    overall = summarize(errors, radii)
+    per = [summarize(errors[:, k], radii) for k in range(errors.shape[1])]
+    print(f"{len(cases)} images, {errors.shape[1]} landmarks, model {det.card.get('name', args.model)}, "
+          f"{seconds:.2f} s/image")
+    head = f"{'landmark':<10}{'MRE mm':>8}{'SD':>7}" + "".join(f"{'<' + format(r, 'g') + 'mm':>8}" for r in radii)
+    print(head)
+    for name, s in [*zip(det.names, per), ("ALL", overall)]:
+        print(f"{name:<10}{s['mre_mm']:>8.3f}{s['sd_mm']:>7.2f}"
+              + "".join(f"{s[f'sdr_{r:g}mm']:>8.1f}" for r in radii))
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "csv": str(args.csv), "images": len(cases), "overall": overall,
+            "per_landmark": dict(zip(det.names, per)), "seconds_per_image": seconds,
+            "errors_mm": errors.round(4).tolist(), "confidence": np.stack(confs).round(4).tolist()},
+            indent=1))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .datasets import read_landmark_csv
+    from .detector import Detector
+    from .landmarks import CEPH_19, HAND_37, numbered
+    from .training import TrainConfig, fit
+
+    cases = read_landmark_csv(args.csv, args.images, spacing=args.spacing)
+    if args.split:
+        cases = [c for c in cases if c.split == args.split]
+    cases.sort(key=lambda c: c.case_id)
+    if args.val_csv:
+        val = read_landmark_csv(args.val_csv, args.images, spacing=args.spacing)
+    else:
+        n_val = min(args.val_count, max(0, len(cases) - 1))
+        cases, val = cases[: len(cases) - n_val], cases[len(cases) - n_val:]
+    if not cases:
+        raise UsageError("no training cases")
+    k = len(cases[0].xy)
+    names = {19: CEPH_19, 37: HAND_37}.get(k, numbered("P", "point", k))
+    cfg = TrainConfig(coarse_epochs=args.coarse_epochs, refine_epochs=args.refine_epochs,
+                      seed=args.seed, threads=args.threads or 2)
+    init = Detector.load(args.init, device="cpu") if args.init else None
+    card = {"name": args.name or Path(args.output).name,
+            "dataset": {"csv": str(args.csv), "train": len(cases), "val": len(val)}}
+    path = fit(cases, val, names, Path(args.output), cfg, card=card, init=init)
+    print(f"model written: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medsapiens-landmarks",
+                                description="Anatomical landmark detection on radiographs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", default="default",
+                        help="'default', a shipped model name, a model folder/card, or a MedSapiens .pth")
+        sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+        sp.add_argument("--threads", type=int, default=None, help="CPU threads")
+        sp.add_argument("--flip", action="store_true", help="test-time horizontal flip averaging")
+
+    d = sub.add_parser("detect", help="detect landmarks on images or folders of images")
+    d.add_argument("inputs", nargs="+", help="image files or folders")
+    d.add_argument("-o", "--output", required=True, help="output folder")
+    d.add_argument("--format", default="mrk.json,png", help=f"comma list of {', '.join(FORMATS)}")
+    d.add_argument("--spacing", type=float, default=None, help="mm per pixel (overrides the file)")
+    d.add_argument("--slice", type=int, default=None, help="slice index of a 3D volume")
+    d.add_argument("--axis", type=int, default=2, help="slice axis of a 3D volume (0=i, 1=j, 2=k)")
+    d.add_argument("-q", "--quiet", action="store_true")
+    model_opts(d)
+    d.set_defaults(func=cmd_detect)
+
+    e = sub.add_parser("evaluate", help="MRE/SDR against an ISBI-style CSV of landmarks")
+    e.add_argument("csv")
+    e.add_argument("--images", default=None, help="image folder (default: <csv folder>/images)")
+    e.add_argument("--second-csv", default=None, help="second annotator; truth = mean of both")
+    e.add_argument("--spacing", type=float, default=0.1, help="mm per pixel (ISBI: 0.1)")
+    e.add_argument("--hand", action="store_true", help="hand protocol: 50 mm wrist width, SDR 2/4/10")
+    e.add_argument("--limit", type=int, default=0, help="first N images only")
+    e.add_argument("--json", default=None, help="write all numbers to this JSON file")
+    model_opts(e)
+    e.set_defaults(func=cmd_evaluate)
+
+    t = sub.add_parser("train", help="train or fine-tune a model from annotated images")
+    t.add_argument("--csv", required=True, help="ISBI-style landmark CSV")
+    t.add_argument("--images", default=None)
+    t.add_argument("--split", default=None, help="keep rows of this split (hand CSV: train)")
+    t.add_argument("--val-csv", default=None)
+    t.add_argument("--val-count", type=int, default=10, help="last N cases held out for validation")
+    t.add_argument("--spacing", type=float, default=None)
+    t.add_argument("-o", "--output", required=True, help="model folder to write")
+    t.add_argument("--name", default=None)
+    t.add_argument("--init", default=None, help="model to fine-tune from")
+    t.add_argument("--coarse-epochs", type=int, default=40)
+    t.add_argument("--refine-epochs", type=int, default=25)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=None)
+    t.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, ImageError, CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

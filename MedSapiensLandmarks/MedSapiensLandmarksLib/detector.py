@@ -1,0 +1,122 @@
+"""Detector API: radiograph -> named landmarks with pixel, physical position and confidence."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .codec import Box, decode_heatmaps, softmax_heatmaps, to_gray, to_uint8_range, warp
+from .imageio import Radiograph
+from .model import LandmarkNet
+
+
+@dataclass
+class Landmarks:
+    """Detection result for one image; positions in original pixels and LPS millimetres."""
+
+    names: list[str]
+    descriptions: list[str]
+    xy: np.ndarray  # (K, 2) pixels, x = column, y = row
+    lps: np.ndarray  # (K, 3) mm
+    confidence: np.ndarray  # (K,) in [0, 1]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+class Detector:
+    """A landmark model (coarse whole-image net, optional local refinement net) + its card."""
+
+    def __init__(self, card: dict[str, Any], coarse: LandmarkNet,
+                 refine: LandmarkNet | None = None, device: str | None = None) -> None:
+        self.card = card
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.coarse = coarse.to(self.device).eval()
+        self.refine = refine.to(self.device).eval() if refine is not None else None
+        self.names = [lm["name"] for lm in card["landmarks"]]
+        self.descriptions = [lm.get("description", lm["name"]) for lm in card["landmarks"]]
+
+    @classmethod
+    def load(cls, model: str | Path = "default", device: str | None = None,
+             threads: int | None = None) -> "Detector":
+        """Load ``"default"``, a shipped model name, a model card / folder, or an official .pth."""
+        from .checkpoints import load_model
+
+        set_threads(threads)
+        return load_model(model, device=device)
+
+    # -- preprocessing -------------------------------------------------------------------
+    def _gray(self, image: Radiograph) -> np.ndarray:
+        return to_uint8_range(to_gray(image.pixels), image.pixels.dtype)
+
+    def _to_tensor(self, planes: Sequence[torch.Tensor], spec: dict[str, Any]) -> torch.Tensor:
+        x = torch.stack(list(planes))[:, None]  # B, 1, H, W on 0..255
+        chans = spec.get("channels", 1)
+        x = x.expand(-1, chans, -1, -1)
+        mean = torch.tensor(spec["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(spec["std"], dtype=torch.float32).view(1, -1, 1, 1)
+        return ((x - mean) / std).to(self.device)
+
+    def _heatmaps(self, net: LandmarkNet, x: torch.Tensor, spec: dict[str, Any]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run a net (optionally with flip test) -> (peak-1 heatmaps, confidence)."""
+        out = net(x).float()
+        if spec.get("flip_test"):
+            out = 0.5 * (out + net(x.flip(-1)).float().flip(-1))
+        if spec.get("activation", "none") == "softmax":
+            return softmax_heatmaps(out)
+        return out, out.amax((2, 3)).clamp(0, 1)
+
+    # -- detection -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def detect(self, image: Radiograph) -> Landmarks:
+        return self.detect_batch([image])[0]
+
+    @torch.inference_mode()
+    def detect_batch(self, images: Sequence[Radiograph]) -> list[Landmarks]:
+        spec = self.card["coarse"]["input"]
+        h_in, w_in = spec["size"]
+        grays = [self._gray(im) for im in images]
+        boxes = [Box.whole_image(*g.shape, aspect=w_in / h_in, padding=spec.get("padding", 1.0))
+                 for g in grays]
+        planes = [warp(g, b, (w_in, h_in), spec.get("antialias", False)) for g, b in zip(grays, boxes)]
+        hm, conf = self._heatmaps(self.coarse, self._to_tensor(planes, spec), spec)
+        uv, _ = decode_heatmaps(hm)
+        hm_wh = (hm.shape[-1], hm.shape[-2])
+        results = []
+        for i, (image, gray, box) in enumerate(zip(images, grays, boxes)):
+            xy = box.from_grid(uv[i].cpu().numpy(), hm_wh)
+            c = conf[i].cpu().numpy()
+            if self.refine is not None:
+                xy, c = self._refine(gray, box, xy)
+            results.append(Landmarks(list(self.names), list(self.descriptions), xy,
+                                     image.to_lps(xy), c.astype(np.float64),
+                                     {"model": self.card.get("name", ""), "image": image.path}))
+        return results
+
+    def _refine(self, gray: np.ndarray, box: Box, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Second look at each landmark in a full-resolution patch around the coarse guess."""
+        spec = self.card["refine"]["input"]
+        ph, pw = spec["size"]
+        frac = spec["box_fraction"]
+        patches = [Box(float(x), float(y), box.sh * frac * pw / ph, box.sh * frac) for x, y in xy]
+        planes = [warp(gray, p, (pw, ph), spec.get("antialias", False)) for p in patches]
+        hm, conf = self._heatmaps(self.refine, self._to_tensor(planes, spec), spec)
+        k = torch.arange(len(patches))
+        hm_k, conf_k = hm[k, k][:, None], conf[k, k]
+        uv, _ = decode_heatmaps(hm_k)
+        hm_wh = (hm.shape[-1], hm.shape[-2])
+        out = np.stack([p.from_grid(uv[i, 0].cpu().numpy(), hm_wh) for i, p in enumerate(patches)])
+        return out, conf_k.cpu().numpy()
+
+
+def set_threads(threads: int | None) -> None:
+    """CPU threads for inference: the given number, else the physical cores (at most 8)."""
+    if threads is None:
+        threads = max(1, min(8, (os.cpu_count() or 2)))
+    torch.set_num_threads(threads)

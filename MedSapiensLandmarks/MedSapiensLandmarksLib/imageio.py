@@ -1,0 +1,134 @@
+"""Read radiographs (PNG/JPEG/TIFF/BMP, DICOM, NRRD, NIfTI, MHA) with their geometry.
+
+Geometry is kept as a 3x3 matrix mapping homogeneous pixel coordinates (x = column, y = row, 1)
+to LPS millimetres, so points land on the image in Slicer whatever the spacing, origin,
+direction or slice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+# Formats whose files carry no physical spacing (SimpleITK reports 1.0).
+PLAIN_FORMATS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+MAX_PIXELS = 100_000_000
+
+
+class ImageError(ValueError):
+    """An input image that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class Radiograph:
+    pixels: np.ndarray  # (H, W) or (H, W, C), dtype of the file
+    pixel_to_lps: np.ndarray  # (3, 3): LPS = A @ [x, y, 1]
+    spacing_known: bool
+    path: str = ""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.pixels.shape[0], self.pixels.shape[1]
+
+    @property
+    def spacing(self) -> tuple[float, float]:
+        """mm per pixel along x (columns) and y (rows)."""
+        return (float(np.linalg.norm(self.pixel_to_lps[:, 0])),
+                float(np.linalg.norm(self.pixel_to_lps[:, 1])))
+
+    def to_lps(self, xy: np.ndarray) -> np.ndarray:
+        xy = np.asarray(xy, dtype=np.float64)
+        return np.c_[xy, np.ones(len(xy))] @ self.pixel_to_lps.T
+
+    def to_pixels(self, lps: np.ndarray) -> np.ndarray:
+        """Inverse of `to_lps` for points on the image plane (least squares off-plane)."""
+        a = self.pixel_to_lps
+        sol, *_ = np.linalg.lstsq(a[:, :2], (np.asarray(lps, float) - a[:, 2]).T, rcond=None)
+        return sol.T
+
+    def with_spacing(self, spacing: float | tuple[float, float]) -> "Radiograph":
+        """Same image with the in-plane pixel size replaced (directions kept)."""
+        sx, sy = (spacing, spacing) if np.isscalar(spacing) else spacing
+        if sx <= 0 or sy <= 0:
+            raise ImageError(f"spacing must be positive, got {spacing}")
+        a = self.pixel_to_lps.copy()
+        a[:, 0] *= sx / np.linalg.norm(a[:, 0])
+        a[:, 1] *= sy / np.linalg.norm(a[:, 1])
+        return Radiograph(self.pixels, a, True, self.path)
+
+
+def from_array(pixels: np.ndarray, spacing: tuple[float, float] = (1.0, 1.0),
+               origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
+               direction: np.ndarray | None = None, path: str = "") -> Radiograph:
+    """Radiograph from an array with axis-aligned (or given 3x3 LPS direction) geometry."""
+    d = np.eye(3) if direction is None else np.asarray(direction, float)
+    a = np.c_[d[:, 0] * spacing[0], d[:, 1] * spacing[1], origin]
+    return Radiograph(np.asarray(pixels), a, True, path)
+
+
+def read_image(path: str | Path, spacing: float | None = None, slice_index: int | None = None,
+               axis: int = 2) -> Radiograph:
+    """Read a 2D radiograph, or one slice (index along ``axis`` 0/1/2 = i/j/k) of a 3D volume."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path}: file not found")
+    if path.is_dir():
+        raise ImageError(f"{path}: is a directory, not an image")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: empty file (0 bytes)")
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        size = reader.GetSize()
+        if size[0] * size[1] > MAX_PIXELS:
+            raise ImageError(f"{path}: image of {'x'.join(map(str, size))} pixels is larger than "
+                             f"the supported {MAX_PIXELS:,} pixels per slice")
+        img = reader.Execute()
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown error"
+        raise ImageError(f"{path}: not a readable image ({first[:200]})") from None
+    plain = path.suffix.lower() in PLAIN_FORMATS
+    arr = sitk.GetArrayFromImage(img)  # (H, W[, C]) or (D, H, W[, C])
+    dim = img.GetDimension()
+    sp, org = np.array(img.GetSpacing(), float), np.array(img.GetOrigin(), float)
+    dirm = np.array(img.GetDirection(), float).reshape(dim, dim)
+    if dim == 2:
+        a = np.zeros((3, 3))
+        a[:2] = np.c_[dirm[:, 0] * sp[0], dirm[:, 1] * sp[1], org]
+    elif dim == 3:
+        arr, a = _slice_3d(path, arr, sp, org, dirm, slice_index, axis)
+    else:
+        raise ImageError(f"{path}: {dim}D images are not supported")
+    if arr.ndim == 3 and arr.shape[2] not in (1, 3, 4):
+        raise ImageError(f"{path}: {arr.shape[2]}-component pixels are not supported")
+    if min(arr.shape[:2]) < 8:
+        raise ImageError(f"{path}: image of {arr.shape[1]}x{arr.shape[0]} pixels is too small")
+    rad = Radiograph(arr, a, not plain, str(path))
+    return rad.with_spacing(spacing) if spacing is not None else rad
+
+
+def _slice_3d(path: Path, arr: np.ndarray, sp: np.ndarray, org: np.ndarray, dirm: np.ndarray,
+              slice_index: int | None, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    depth = arr.shape[0]
+    if slice_index is None:
+        if depth == 1:
+            slice_index, axis = 0, 2
+        else:
+            raise ImageError(f"{path}: 3D volume ({arr.shape[2]}x{arr.shape[1]}x{depth}); "
+                             f"choose a slice (--slice INDEX [--axis 0|1|2])")
+    if axis not in (0, 1, 2):
+        raise ImageError(f"{path}: slice axis must be 0, 1 or 2, got {axis}")
+    n = arr.shape[2 - axis]
+    if not 0 <= slice_index < n:
+        raise ImageError(f"{path}: slice {slice_index} out of range 0..{n - 1} along axis {axis}")
+    cols = dirm * sp  # column c = LPS step of index c
+    # image (x, y) -> volume index: k-slices use (i, j); j-slices (i, k); i-slices (j, k).
+    inplane = {2: (0, 1), 1: (0, 2), 0: (1, 2)}[axis]
+    index = [slice(None)] * 3
+    index[2 - axis] = slice_index
+    out = arr[tuple(index)]
+    a = np.c_[cols[:, inplane[0]], cols[:, inplane[1]], org + cols[:, axis] * slice_index]
+    return out, a

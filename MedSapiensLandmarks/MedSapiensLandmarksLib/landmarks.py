@@ -1,0 +1,28 @@
+"""Named landmark sets of the anatomies MedSapiens was trained on."""
+from __future__ import annotations
+
+# ISBI 2015 cephalometric landmarks (Wang et al. 2016), in dataset order.
+CEPH_19: list[tuple[str, str]] = [
+    ("S", "sella"), ("N", "nasion"), ("Or", "orbitale"), ("Po", "porion"),
+    ("A", "subspinale (A point)"), ("B", "supramentale (B point)"), ("Pog", "pogonion"),
+    ("Me", "menton"), ("Gn", "gnathion"), ("Go", "gonion"),
+    ("LIT", "lower incisal incision"), ("UIT", "upper incisal incision"),
+    ("UL", "upper lip"), ("LL", "lower lip"), ("Sn", "subnasale"),
+    ("Pog'", "soft tissue pogonion"), ("PNS", "posterior nasal spine"),
+    ("ANS", "anterior nasal spine"), ("Ar", "articulare"),
+]
+
+
+def numbered(prefix: str, description: str, count: int) -> list[tuple[str, str]]:
+    """Landmarks known only by number (hand, chest, leg sets of the multi-dataset model)."""
+    return [(f"{prefix}{i}", f"{description} landmark {i}") for i in range(1, count + 1)]
+
+
+HAND_37 = numbered("H", "hand", 37)
+CHEST_6 = numbered("C", "chest", 6)
+LEG_26 = numbered("L", "leg", 26)
+
+# Channel layout of MedSapiens' 88-channel multi-dataset head: head | chest | hand | leg.
+MEDSAPIENS_MULTI: dict[str, tuple[int, list[tuple[str, str]]]] = {
+    "head": (0, CEPH_19), "chest": (19, CHEST_6), "hand": (25, HAND_37), "leg": (62, LEG_26),
+}

@@ -1,0 +1,100 @@
+"""Landmark files: Slicer markups JSON (.mrk.json, LPS mm), legacy .fcsv, and CSV."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .atomic import atomic_write
+from .detector import Landmarks
+
+SCHEMA_URL = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
+              "Resources/Schema/markups-schema-v1.0.3.json#")
+LOW_CONFIDENCE = 0.5
+
+
+def describe(description: str, confidence: float) -> str:
+    return f"{description} (confidence {confidence:.2f})"
+
+
+def markups_dict(lm: Landmarks, name: str = "Landmarks",
+                 corrected: Sequence[bool] | None = None) -> dict[str, Any]:
+    """Slicer markups JSON document for one fiducial list (positions in LPS millimetres)."""
+    corrected = list(corrected) if corrected is not None else [False] * len(lm)
+    points = [{
+        "id": str(i + 1), "label": lm.names[i], "description": describe(lm.descriptions[i], lm.confidence[i]),
+        "associatedNodeID": "", "position": [float(v) for v in lm.lps[i]],
+        "orientation": [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0],
+        "selected": True, "locked": False, "visibility": True, "positionStatus": "defined",
+    } for i in range(len(lm))]
+    return {
+        "@schema": SCHEMA_URL,
+        "markups": [{
+            "type": "Fiducial", "coordinateSystem": "LPS", "coordinateUnits": "mm", "name": name,
+            "locked": False, "fixedNumberOfControlPoints": True, "labelFormat": "%N-%d",
+            "lastUsedControlPointNumber": len(lm), "controlPoints": points, "measurements": [],
+            "display": {"visibility": True, "opacity": 1.0, "glyphType": "Sphere3D",
+                        "glyphScale": 1.5, "textScale": 2.5, "pointLabelsVisibility": True},
+            # Extra fields (allowed by the schema, ignored by Slicer's reader).
+            "medsapiens": {"model": lm.meta.get("model", ""), "image": lm.meta.get("image", ""),
+                           "confidence": [float(c) for c in lm.confidence],
+                           "corrected": [bool(c) for c in corrected],
+                           "pixels": [[float(v) for v in p] for p in lm.xy]},
+        }],
+    }
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_markups(path: str | Path, lm: Landmarks, name: str = "Landmarks",
+                  corrected: Sequence[bool] | None = None) -> Path:
+    return write_text(path, json.dumps(markups_dict(lm, name, corrected), indent=2) + "\n")
+
+
+def write_fcsv(path: str | Path, lm: Landmarks) -> Path:
+    """Legacy Slicer fiducial CSV (version 4.11 header, LPS)."""
+    out = io.StringIO()
+    out.write("# Markups fiducial file version = 4.11\n# CoordinateSystem = LPS\n"
+              "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n")
+    w = csv.writer(out, lineterminator="\n")
+    for i in range(len(lm)):
+        x, y, z = lm.lps[i]
+        w.writerow([i + 1, f"{x:.4f}", f"{y:.4f}", f"{z:.4f}", 0, 0, 0, 1, 1, 1, 0, lm.names[i],
+                    describe(lm.descriptions[i], lm.confidence[i]), ""])
+    return write_text(path, out.getvalue())
+
+
+def write_csv(path: str | Path, lm: Landmarks) -> Path:
+    """One row per landmark: name, pixel x/y, LPS mm, confidence."""
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["name", "description", "x_px", "y_px", "L_mm", "P_mm", "S_mm", "confidence"])
+    for i in range(len(lm)):
+        w.writerow([lm.names[i], lm.descriptions[i], f"{lm.xy[i, 0]:.3f}", f"{lm.xy[i, 1]:.3f}",
+                    *(f"{v:.4f}" for v in lm.lps[i]), f"{lm.confidence[i]:.4f}"])
+    return write_text(path, out.getvalue())
+
+
+def read_markups(path: str | Path) -> dict[str, Any]:
+    """Labels, LPS positions (K, 3), descriptions and our extra fields of a .mrk.json file."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        mk = doc["markups"][0]
+        points = mk["controlPoints"]
+        pos = np.array([p["position"] for p in points], dtype=np.float64).reshape(-1, 3)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, IndexError, TypeError) as err:
+        raise ValueError(f"{path}: not a readable Slicer markups file ({err})") from None
+    if mk.get("coordinateSystem", "LPS") == "RAS":
+        pos = pos * [-1, -1, 1]
+    return {"labels": [p.get("label", "") for p in points], "lps": pos,
+            "descriptions": [p.get("description", "") for p in points],
+            "extra": mk.get("medsapiens", {})}

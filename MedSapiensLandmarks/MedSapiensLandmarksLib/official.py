@@ -1,0 +1,190 @@
+"""Official Sapiens / MedSapiens checkpoints (.pth) -> `Detector`.
+
+- Sapiens pretrain (``sapiens_<size>_epoch_<n>_clean.pth``): MAE encoder with mmpretrain names
+  and a 64x64 (+ class slot) sin-cos position table, resized to 64x48 like the original.
+- MedSapiens (mmpose top-down) checkpoints: either LoRA-only backbone weights
+  (``backbone.module.layers.<i>.attn.{qkv,proj}.lora_{down,up}.weight``) plus ``head.*`` - the
+  backbone is then rebuilt from the pretrain file and LoRA merged - or a full fine-tune
+  (``backbone.layers.*``). The 88-channel multi-dataset head is split into its landmark sets.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from .checkpoints import CheckpointError, load_state
+from .landmarks import CEPH_19, HAND_37, MEDSAPIENS_MULTI, numbered
+from .model import SAPIENS_ARCHS, LandmarkNet
+
+MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+INPUT_SIZE = (1024, 768)
+_LAYER_RENAMES = [
+    (re.compile(r"^patch_embed\.projection\."), "patch_embed.proj."),
+    (re.compile(r"^layers\.(\d+)\.ln1\."), r"blocks.\1.norm1."),
+    (re.compile(r"^layers\.(\d+)\.ln2\."), r"blocks.\1.norm2."),
+    (re.compile(r"^layers\.(\d+)\.attn\."), r"blocks.\1.attn."),
+    (re.compile(r"^layers\.(\d+)\.ffn\.layers\.0\.0\."), r"blocks.\1.mlp.fc1."),
+    (re.compile(r"^layers\.(\d+)\.ffn\.layers\.1\."), r"blocks.\1.mlp.fc2."),
+    (re.compile(r"^ln1\."), "norm."),  # final norm; anchored so layers.i.ln1 never matches
+]
+_LORA = re.compile(r"^(?:backbone\.)?(?:module\.)?layers\.(\d+)\.attn\.(qkv|proj)\.lora_(down|up)\.weight$")
+
+
+def read_pth(path: str | Path) -> dict[str, torch.Tensor]:
+    """torch.load(weights_only=True) with one clear error; unwraps ``state_dict``."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError,
+            AttributeError, TypeError, ValueError) as err:
+        msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: refused or unreadable checkpoint ({msg})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state dict)")
+    return obj
+
+
+def resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[1, (1+)N, C] table -> [1, gh*gw, C]: drop the class slot, bicubic, no antialias."""
+    n, c = pos.shape[1], pos.shape[2]
+    if n == grid[0] * grid[1]:
+        return pos
+    side = int(round((n - 1) ** 0.5))
+    if side * side == n - 1:
+        pos = pos[:, 1:]
+    else:
+        side = int(round(n ** 0.5))
+        if side * side != n:
+            raise CheckpointError(f"pos_embed with {n} tokens is neither square nor {grid[0]}x{grid[1]}")
+    table = pos.reshape(1, side, side, c).permute(0, 3, 1, 2)
+    table = F.interpolate(table.float(), size=grid, mode="bicubic", align_corners=False, antialias=False)
+    return table.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], c).to(pos.dtype)
+
+
+def backbone_state(state: dict[str, torch.Tensor], grid: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """mmpretrain ViT names (no ``backbone.`` prefix) -> our ``vit.*`` names."""
+    out = {}
+    for key, value in state.items():
+        if key == "cls_token":
+            continue
+        if key == "pos_embed":
+            out["vit.pos_embed"] = resize_pos_embed(value, grid)
+            continue
+        for pattern, repl in _LAYER_RENAMES:
+            if pattern.search(key):
+                key = pattern.sub(repl, key)
+                break
+        else:
+            raise CheckpointError(f"unexpected backbone key {key!r} (not a Sapiens ViT weight)")
+        out["vit." + key] = value
+    return out
+
+
+def infer_arch(embed_dim: int, depth: int) -> str:
+    for name, a in SAPIENS_ARCHS.items():
+        if a["embed_dim"] == embed_dim and a["depth"] == depth:
+            return name
+    raise CheckpointError(f"no Sapiens architecture has embed dim {embed_dim} and depth {depth}")
+
+
+def merge_lora(state: dict[str, torch.Tensor], lora: dict[str, torch.Tensor],
+               scales: dict[str, float] | None = None) -> None:
+    """W += scale * up @ down for every LoRA pair (in place on our ``vit.*`` state)."""
+    scales = scales or {"qkv": 1.0, "proj": 1.0}
+    pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in lora.items():
+        m = _LORA.match(key)
+        if not m:
+            raise CheckpointError(f"unexpected LoRA key {key!r}")
+        pairs.setdefault((m.group(1), m.group(2)), {})[m.group(3)] = value
+    for (layer, name), p in pairs.items():
+        if set(p) != {"down", "up"}:
+            raise CheckpointError(f"layer {layer} {name}: LoRA needs both lora_down and lora_up")
+        target = f"vit.blocks.{layer}.attn.{name}.weight"
+        if target not in state:
+            raise CheckpointError(f"LoRA weight for {target}, which the backbone does not have")
+        delta = scales[name] * (p["up"].double() @ p["down"].double())
+        if delta.shape != state[target].shape:
+            raise CheckpointError(f"{target}: LoRA update {tuple(delta.shape)} != weight "
+                                  f"{tuple(state[target].shape)}")
+        state[target] = (state[target].double() + delta).to(state[target].dtype)
+
+
+def _landmarks_for(k: int, dataset: str | None, head: dict[str, torch.Tensor]
+                   ) -> tuple[list[tuple[str, str]], dict[str, torch.Tensor], str]:
+    """Landmark names for a K-channel head; slices the 88-channel multi-dataset head."""
+    total = sum(len(v[1]) for v in MEDSAPIENS_MULTI.values())
+    if k == total:
+        dataset = dataset or "head"
+        if dataset not in MEDSAPIENS_MULTI:
+            raise CheckpointError(f"dataset {dataset!r} not in the multi-dataset head "
+                                  f"({', '.join(MEDSAPIENS_MULTI)})")
+        start, names = MEDSAPIENS_MULTI[dataset]
+        head = dict(head)
+        for key in ("final_layer.weight", "final_layer.bias"):
+            head[key] = head[key][start:start + len(names)]
+        return names, head, dataset
+    known = {19: (CEPH_19, "head"), 37: (HAND_37, "hand")}
+    names, name = known.get(k, (numbered("P", "point", k), dataset or "custom"))
+    return names, head, name
+
+
+def load_official(path: str | Path, pretrain: str | Path | None = None, dataset: str | None = None,
+                  device: str | None = None, lora_scales: dict[str, float] | None = None):
+    """Build a `Detector` from an official MedSapiens checkpoint (see module docstring)."""
+    from .detector import Detector
+
+    path = Path(path)
+    state = read_pth(path)
+    head = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
+    if "final_layer.weight" not in head:
+        raise CheckpointError(f"{path}: no heatmap head (head.final_layer.weight); a Sapiens "
+                              f"pretrain file is passed as the pretrain of a MedSapiens checkpoint")
+    lora = {k: v for k, v in state.items() if _LORA.match(k)}
+    full = {k[9:]: v for k, v in state.items() if k.startswith("backbone.") and k not in lora}
+    grid = (INPUT_SIZE[0] // 16, INPUT_SIZE[1] // 16)
+    if full:
+        bb = backbone_state(full, grid)
+    else:
+        if pretrain is None:
+            found = sorted(path.parent.glob("sapiens_*.pth"))
+            if not found:
+                raise CheckpointError(f"{path}: holds only LoRA weights for the backbone; give the "
+                                      f"Sapiens pretrain file (sapiens_<size>_epoch_<n>_clean.pth)")
+            pretrain = found[0]
+        pre = read_pth(pretrain)
+        pre = {k[9:] if k.startswith("backbone.") else k: v for k, v in pre.items()}
+        bb = backbone_state(pre, grid)
+    qkv = bb.get("vit.blocks.0.attn.qkv.weight")
+    if qkv is None:
+        raise CheckpointError(f"{path}: backbone lacks layers.0.attn.qkv.weight")
+    depth = 1 + max(int(k.split(".")[2]) for k in bb if k.startswith("vit.blocks."))
+    arch = infer_arch(qkv.shape[1], depth)
+    if lora:
+        merge_lora(bb, lora, lora_scales)
+    k = head["final_layer.weight"].shape[0]
+    names, head, dataset = _landmarks_for(k, dataset, head)
+    head_channels = [head["deconv_layers.0.weight"].shape[1], head["deconv_layers.3.weight"].shape[1]]
+    net_cfg = {"family": "sapiens", "arch": arch, "input_size": list(INPUT_SIZE),
+               "num_keypoints": len(names), "head_channels": head_channels}
+    net = LandmarkNet(net_cfg)
+    load_state(net, {**{f"backbone.{k2}": v for k2, v in bb.items()},
+                     **{f"head.{k2}": v for k2, v in head.items()}}, str(path))
+    card: dict[str, Any] = {
+        "name": f"medsapiens-{arch}-{dataset}", "source": str(path),
+        "coarse": {"net": net_cfg, "input": {"size": list(INPUT_SIZE), "padding": 1.25, "channels": 3,
+                                              "mean": MEAN, "std": STD, "antialias": False,
+                                              "activation": "none", "flip_test": False}},
+        "refine": None, "landmarks": [{"name": n, "description": d} for n, d in names],
+    }
+    return Detector(card, net, None, device=device)

@@ -1,0 +1,57 @@
+"""Overlay picture: the radiograph with numbered landmarks, coloured by confidence."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .atomic import atomic_write
+from .codec import to_gray, to_uint8_range
+from .detector import Landmarks
+from .imageio import Radiograph
+from .markups import LOW_CONFIDENCE
+
+
+def confidence_colour(c: float) -> tuple[int, int, int]:
+    """Red below the low-confidence threshold, yellow to green above it."""
+    if c < LOW_CONFIDENCE:
+        return (255, 40, 40)
+    t = (c - LOW_CONFIDENCE) / (1 - LOW_CONFIDENCE)
+    return (int(255 * (1 - t)), 220, 40)
+
+
+def render_overlay(image: Radiograph, lm: Landmarks, max_side: int = 2000,
+                   truth: np.ndarray | None = None) -> Image.Image:
+    """RGB picture with landmark i drawn as a ring labelled i+1 (truth, if given, in cyan)."""
+    gray = to_uint8_range(to_gray(image.pixels), image.pixels.dtype)
+    pic = Image.fromarray(np.clip(gray, 0, 255).astype(np.uint8)).convert("RGB")
+    scale = min(1.0, max_side / max(pic.size))
+    if scale < 1.0:
+        pic = pic.resize((round(pic.width * scale), round(pic.height * scale)), Image.BILINEAR)
+    draw = ImageDraw.Draw(pic)
+    r = max(3, round(max(pic.size) / 180))
+    font = ImageFont.load_default(size=max(10, 3 * r))
+
+    def at(p: np.ndarray) -> tuple[float, float]:  # pixel centres scale about -0.5
+        return ((p[0] + 0.5) * scale - 0.5, (p[1] + 0.5) * scale - 0.5)
+
+    if truth is not None:
+        for p in truth:
+            x, y = at(p)
+            draw.line([(x - r, y), (x + r, y)], fill=(0, 220, 255), width=2)
+            draw.line([(x, y - r), (x, y + r)], fill=(0, 220, 255), width=2)
+    for i, p in enumerate(lm.xy):
+        x, y = at(p)
+        colour = confidence_colour(float(lm.confidence[i]))
+        draw.ellipse([x - r, y - r, x + r, y + r], outline=colour, width=max(2, r // 3))
+        draw.text((x + r + 2, y - r - 2), str(i + 1), fill=colour, font=font,
+                  stroke_width=2, stroke_fill=(0, 0, 0))
+    return pic
+
+
+def write_overlay(path: str | Path, image: Radiograph, lm: Landmarks,
+                  truth: np.ndarray | None = None) -> Path:
+    with atomic_write(path) as tmp:
+        render_overlay(image, lm, truth=truth).save(tmp, format="PNG")
+    return Path(path)

@@ -1,0 +1,271 @@
+"""Training: whole-image (coarse) and local-patch (refine) heatmap nets, resumable, logged.
+
+Augmentation is done by torchvision.transforms.v2 on (Image, KeyPoints) pairs; targets are
+UDP Gaussians from `codec.encode_heatmaps`; the loss is a spatial-softmax cross-entropy
+against the normalised Gaussian (stable and fast to converge from scratch on CPU).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as v2
+from torch.nn import functional as F
+from torchvision import tv_tensors
+
+from .atomic import atomic_write
+from .codec import Box, encode_heatmaps, to_gray, to_uint8_range, warp
+from .datasets import Case
+from .imageio import read_image
+from .model import LandmarkNet
+
+GRAY_MEAN, GRAY_STD = [127.5], [64.0]
+
+
+@dataclass
+class TrainConfig:
+    coarse_size: tuple[int, int] = (320, 256)  # H, W
+    refine_size: tuple[int, int] = (64, 64)
+    refine_fraction: float = 0.06  # patch height as a fraction of the image box height
+    encoder: str = "resnet18"
+    coarse_epochs: int = 40
+    refine_epochs: int = 25
+    batch_size: int = 4
+    refine_batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    sigma: float = 1.5  # heatmap pixels
+    refine_jitter: float = 0.25  # std of the patch-centre jitter, in patch heights
+    seed: int = 0
+    threads: int = 2
+
+
+def load_gray(case: Case) -> np.ndarray:
+    """Original-resolution grey image on 0..255 as uint8 (compact for in-memory caching)."""
+    img = read_image(case.image, spacing=case.spacing)
+    return np.clip(to_uint8_range(to_gray(img.pixels), img.pixels.dtype), 0, 255).astype(np.uint8)
+
+
+def softmax_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy between the spatial softmax of logits and the normalised targets."""
+    b, k = logits.shape[:2]
+    t = target.reshape(b, k, -1)
+    t = t / t.sum(-1, keepdim=True).clamp_min(1e-12)
+    return -(t * F.log_softmax(logits.reshape(b, k, -1), -1)).sum(-1).mean()
+
+
+class _Photometric:
+    """Radiograph intensity augmentation on a [0, 1] image: gamma, contrast, blur, noise."""
+
+    def __init__(self) -> None:
+        self.jitter = v2.ColorJitter(brightness=0.25, contrast=0.35)
+        self.blur = v2.RandomApply([v2.GaussianBlur(5, sigma=(0.3, 1.5))], p=0.25)
+        self.noise = v2.RandomApply([v2.GaussianNoise(sigma=0.02)], p=0.3)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        img = img.clamp(0, 1) ** math.exp(random.uniform(-0.4, 0.4))
+        return self.noise(self.blur(self.jitter(img))).clamp(0, 1)
+
+
+def _normalise(plane01: torch.Tensor) -> torch.Tensor:
+    return (plane01 * 255.0 - GRAY_MEAN[0]) / GRAY_STD[0]
+
+
+class CoarseSet(torch.utils.data.Dataset):
+    """Whole images framed to the coarse input, affine + photometric augmentation."""
+
+    def __init__(self, cases: Sequence[Case], grays: Sequence[np.ndarray], size: tuple[int, int],
+                 augment: bool) -> None:
+        h, w = size
+        self.items = []
+        for case, gray in zip(cases, grays):
+            box = Box.whole_image(*gray.shape, aspect=w / h)
+            plane = warp(gray, box, (w, h), antialias=True) / 255.0
+            self.items.append((plane, torch.tensor(box.to_grid(case.xy, (w, h)), dtype=torch.float32)))
+        self.size = size
+        self.augment = augment
+        self.affine = v2.RandomAffine(degrees=8, translate=(0.04, 0.04), scale=(0.9, 1.1))
+        self.photo = _Photometric()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        plane, kp = self.items[i]
+        img = tv_tensors.Image(plane[None])
+        if self.augment:
+            img, kp = self.affine(img, tv_tensors.KeyPoints(kp, canvas_size=self.size))
+            img = self.photo(img)
+        return _normalise(torch.as_tensor(img)), torch.as_tensor(kp)
+
+
+class PatchSet(torch.utils.data.Dataset):
+    """Full-resolution patches around jittered landmark positions, one item per (case, k)."""
+
+    def __init__(self, cases: Sequence[Case], grays: Sequence[np.ndarray], cfg: TrainConfig,
+                 augment: bool) -> None:
+        self.cases, self.grays, self.cfg, self.augment = cases, grays, cfg, augment
+        self.k = len(cases[0].xy)
+        self.photo = _Photometric()
+        self.rng = np.random.default_rng(cfg.seed)
+
+    def __len__(self) -> int:
+        return len(self.cases) * self.k
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        c, k = divmod(i, self.k)
+        case, gray = self.cases[c], self.grays[c]
+        ph, pw = self.cfg.refine_size
+        img_box = Box.whole_image(*gray.shape, aspect=self.cfg.coarse_size[1] / self.cfg.coarse_size[0])
+        sh = img_box.sh * self.cfg.refine_fraction
+        centre = case.xy[k].astype(np.float64)
+        scale = 1.0
+        if self.augment:
+            centre = centre + self.rng.normal(0, self.cfg.refine_jitter * sh, 2)
+            scale = math.exp(self.rng.uniform(-0.1, 0.1))
+        patch = Box(float(centre[0]), float(centre[1]), sh * scale * pw / ph, sh * scale)
+        plane = warp(gray, patch, (pw, ph), antialias=True)[None] / 255.0
+        kp = torch.tensor(patch.to_grid(case.xy[k:k + 1], (pw, ph)), dtype=torch.float32)
+        if self.augment:
+            img, kp = v2.RandomRotation(10)(tv_tensors.Image(plane),
+                                            tv_tensors.KeyPoints(kp, canvas_size=(ph, pw)))
+            plane = self.photo(torch.as_tensor(img))
+        return _normalise(torch.as_tensor(plane)), torch.as_tensor(kp)[0], k
+
+
+def _targets(net: LandmarkNet, kp_in: torch.Tensor, in_wh: tuple[int, int], sigma: float
+             ) -> tuple[torch.Tensor, tuple[int, int]]:
+    s = net.heatmap_stride
+    hm_wh = (in_wh[0] // s, in_wh[1] // s)
+    kp_hm = kp_in * torch.tensor([(hm_wh[0] - 1) / (in_wh[0] - 1), (hm_wh[1] - 1) / (in_wh[1] - 1)])
+    return encode_heatmaps(kp_hm, hm_wh, sigma), hm_wh
+
+
+def run_stage(name: str, net: LandmarkNet, data: torch.utils.data.Dataset, in_wh: tuple[int, int],
+              cfg: TrainConfig, epochs: int, batch_size: int, work: Path, validate: Callable[[], dict[str, float]],
+              log: Callable[[dict[str, Any]], None]) -> None:
+    """Train one net with AdamW + cosine schedule; resumes from ``work/<name>.ckpt``."""
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True,
+                                         drop_last=True, num_workers=0)
+    total = epochs * len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda it: min(1.0, (it + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(it, total) / total)))
+    ckpt, start = work / f"{name}.ckpt", 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start = state["epoch"]
+    for epoch in range(start, epochs):
+        seed_everything(cfg.seed * 1000 + epoch, data)  # per-epoch seeds: resume == no stop
+        net.train()
+        t0, losses = time.time(), []
+        for batch in loader:
+            x, kp = batch[0], batch[1]
+            target, _ = _targets(net, kp, in_wh, cfg.sigma)
+            out = net(x)
+            if len(batch) == 3:  # patches: supervise only the patch's own landmark
+                idx = batch[2]
+                out, target = out[torch.arange(len(idx)), idx][:, None], target[:, None]
+            loss = softmax_ce(out, target)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        net.eval()
+        record = {"stage": name, "epoch": epoch + 1, "loss": float(np.mean(losses)),
+                  "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 1)}
+        record.update(validate())
+        log(record)
+        with atomic_write(ckpt) as tmp:
+            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "epoch": epoch + 1}, tmp)
+
+
+def seed_everything(seed: int, data: Any = None) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if hasattr(data, "rng"):
+        data.rng = np.random.default_rng(seed)
+
+
+def net_specs(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
+    """Model-card entries (architecture + input framing) for both stages."""
+    common = {"channels": 1, "mean": GRAY_MEAN, "std": GRAY_STD, "antialias": True,
+              "activation": "softmax"}
+    net = {"family": "unet", "encoder": cfg.encoder, "in_chans": 1, "out_stride": 2}
+    return {
+        "coarse": {"net": dict(net), "input": {**common, "size": list(cfg.coarse_size), "padding": 1.0}},
+        "refine": {"net": dict(net), "input": {**common, "size": list(cfg.refine_size),
+                                               "box_fraction": cfg.refine_fraction}},
+    }
+
+
+def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Sequence[tuple[str, str]],
+        out_dir: Path, cfg: TrainConfig, card: dict[str, Any] | None = None,
+        init: Any = None, log_path: Path | None = None) -> Path:
+    """Train coarse then refine nets (resumable in ``out_dir/work``), save the model to ``out_dir``.
+
+    ``init`` is a `Detector` to fine-tune from (same landmarks); otherwise training starts from
+    scratch.
+    """
+    from .checkpoints import save_model
+    from .detector import Detector
+
+    torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    out_dir, t_start = Path(out_dir), time.time()
+    work = out_dir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    log_path = log_path or work / "log.jsonl"
+    k = len(landmarks)
+    specs = net_specs(cfg)
+    card = {**(card or {}), **specs, "landmarks": [{"name": n, "description": d} for n, d in landmarks]}
+    if init is not None:
+        card["coarse"], card["refine"] = init.card["coarse"], init.card.get("refine")
+        coarse, refine = init.coarse, init.refine
+    else:
+        coarse = LandmarkNet({**specs["coarse"]["net"], "num_keypoints": k})
+        refine = LandmarkNet({**specs["refine"]["net"], "num_keypoints": k})
+    grays = [load_gray(c) for c in train_cases]
+    val_images = [read_image(c.image, spacing=c.spacing) for c in val_cases]
+
+    def validate(use_refine: bool) -> Callable[[], dict[str, float]]:
+        def run() -> dict[str, float]:
+            if not val_cases:
+                return {}
+            det = Detector(card, coarse, refine if use_refine else None, device="cpu")
+            errs = [np.linalg.norm(lm.xy - c.xy, axis=1) * img.spacing[0]
+                    for lm, c, img in zip(det.detect_batch(val_images), val_cases, val_images)]
+            return {"val_mre_mm": float(np.mean(errs))}
+        return run
+
+    def log(record: dict[str, Any]) -> None:
+        line = json.dumps(record)
+        print(line, flush=True)
+        with open(log_path, "a") as f:
+            f.write(line + "\n")
+
+    h, w = cfg.coarse_size
+    run_stage("coarse", coarse, CoarseSet(train_cases, grays, cfg.coarse_size, True), (w, h), cfg,
+              cfg.coarse_epochs, cfg.batch_size, work, validate(False), log)
+    ph, pw = cfg.refine_size
+    if cfg.refine_epochs > 0:
+        run_stage("refine", refine, PatchSet(train_cases, grays, cfg, True), (pw, ph), cfg,
+                  cfg.refine_epochs, cfg.refine_batch_size, work, validate(True), log)
+    card["training"] = {**card.get("training", {}), "config": {
+        k2: (list(v) if isinstance(v, tuple) else v) for k2, v in vars(cfg).items()},
+        "train_cases": [c.case_id for c in train_cases], "val_cases": [c.case_id for c in val_cases],
+        "wall_time_s": round(time.time() - t_start, 1), "torch": torch.__version__}
+    return save_model(out_dir, card, coarse, refine if cfg.refine_epochs > 0 else None)

@@ -1,0 +1,204 @@
+"""Official Sapiens / MedSapiens checkpoints, built synthetically in the exact key layout."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from MedSapiensLandmarksLib.checkpoints import CheckpointError
+from MedSapiensLandmarksLib.model import SAPIENS_ARCHS, LandmarkNet
+from MedSapiensLandmarksLib.official import load_official, resize_pos_embed
+
+ARCH = "sapiens_tiny"
+C = SAPIENS_ARCHS[ARCH]["embed_dim"]
+DEPTH = SAPIENS_ARCHS[ARCH]["depth"]
+MLP = SAPIENS_ARCHS[ARCH]["mlp_dim"]
+HEAD = (16, 12)
+
+
+def pretrain_state(seed=0):
+    """Sapiens pretrain file layout (mmpretrain names, backbone. prefix stripped, cls slot)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.05
+    sd = {"cls_token": r(1, 1, C), "pos_embed": r(1, 1 + 64 * 64, C),
+          "patch_embed.projection.weight": r(C, 3, 16, 16), "patch_embed.projection.bias": r(C),
+          "ln1.weight": 1 + r(C), "ln1.bias": r(C)}
+    for i in range(DEPTH):
+        p = f"layers.{i}."
+        sd.update({p + "ln1.weight": 1 + r(C), p + "ln1.bias": r(C),
+                   p + "attn.qkv.weight": r(3 * C, C), p + "attn.qkv.bias": r(3 * C),
+                   p + "attn.proj.weight": r(C, C), p + "attn.proj.bias": r(C),
+                   p + "ln2.weight": 1 + r(C), p + "ln2.bias": r(C),
+                   p + "ffn.layers.0.0.weight": r(MLP, C), p + "ffn.layers.0.0.bias": r(MLP),
+                   p + "ffn.layers.1.weight": r(C, MLP), p + "ffn.layers.1.bias": r(C)})
+    return sd
+
+
+def head_state(k, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.1
+    c1, c2 = HEAD
+    return {"head.deconv_layers.0.weight": r(C, c1, 4, 4), "head.deconv_layers.3.weight": r(c1, c2, 4, 4),
+            "head.conv_layers.0.weight": r(c2, c2, 1, 1), "head.conv_layers.0.bias": r(c2),
+            "head.conv_layers.3.weight": r(c2, c2, 1, 1), "head.conv_layers.3.bias": r(c2),
+            "head.final_layer.weight": r(k, c2, 1, 1), "head.final_layer.bias": r(k)}
+
+
+def lora_state(seed=2):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for i in range(DEPTH):
+        for name, rank, out in (("qkv", 4, 3 * C), ("proj", 8, C)):
+            p = f"backbone.module.layers.{i}.attn.{name}."
+            sd[p + "lora_down.weight"] = torch.randn(rank, C, generator=g) * 0.1
+            sd[p + "lora_up.weight"] = torch.randn(out, rank, generator=g) * 0.1
+    return sd
+
+
+def keys_bicubic_resize_cols(table, out_w):
+    """Independent numpy 1-D cubic convolution (Keys, a=-0.75, half-pixel centres, edge clamp)."""
+    a = -0.75
+
+    def kern(t):
+        t = abs(t)
+        if t <= 1:
+            return (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1
+        if t < 2:
+            return a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a
+        return 0.0
+
+    in_w = table.shape[1]
+    out = np.zeros((table.shape[0], out_w, table.shape[2]))
+    for j in range(out_w):
+        src = (j + 0.5) * in_w / out_w - 0.5
+        base = int(np.floor(src))
+        for tap in range(base - 1, base + 3):
+            out[:, j] += kern(src - tap) * table[:, min(max(tap, 0), in_w - 1)]
+    return out
+
+
+def test_pos_embed_resize_matches_independent_bicubic():
+    pos = torch.randn(1, 1 + 64 * 64, 8, dtype=torch.float64)
+    got = resize_pos_embed(pos, (64, 48)).reshape(64, 48, 8).numpy()
+    expected = keys_bicubic_resize_cols(pos[0, 1:].reshape(64, 64, 8).numpy(), 48)
+    assert np.abs(got - expected).max() < 5e-5  # float32 arithmetic
+    # antialias=True (timm's own default) would differ: the notes insist on antialias=False
+    aa = F.interpolate(pos[:, 1:].reshape(1, 64, 64, 8).permute(0, 3, 1, 2), size=(64, 48),
+                       mode="bicubic", align_corners=False, antialias=True)
+    assert np.abs(aa.permute(0, 2, 3, 1)[0].numpy() - expected).max() > 1e-3
+
+
+def _reference_forward(x, sd, heads):
+    """Plain-torch Sapiens forward from mmpretrain-named tensors (no timm)."""
+    t = F.conv2d(x, sd["patch_embed.projection.weight"], sd["patch_embed.projection.bias"], stride=16, padding=2)
+    b, c, gh, gw = t.shape
+    t = t.flatten(2).transpose(1, 2) + resize_pos_embed(sd["pos_embed"], (gh, gw))
+    nh = SAPIENS_ARCHS[ARCH]["num_heads"]
+    for i in range(DEPTH):
+        p = f"layers.{i}."
+        h = F.layer_norm(t, (C,), sd[p + "ln1.weight"], sd[p + "ln1.bias"], eps=1e-6)
+        qkv = F.linear(h, sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"]) + heads.get((i, "qkv"), lambda z: 0)(h)
+        q, k, v = qkv.reshape(b, -1, 3, nh, C // nh).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-2, -1) / (C // nh) ** 0.5, -1) @ v
+        att = att.transpose(1, 2).reshape(b, -1, C)
+        t = t + F.linear(att, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"]) + heads.get((i, "proj"), lambda z: 0)(att)
+        h = F.layer_norm(t, (C,), sd[p + "ln2.weight"], sd[p + "ln2.bias"], eps=1e-6)
+        t = t + F.linear(F.gelu(F.linear(h, sd[p + "ffn.layers.0.0.weight"], sd[p + "ffn.layers.0.0.bias"])),
+                         sd[p + "ffn.layers.1.weight"], sd[p + "ffn.layers.1.bias"])
+    t = F.layer_norm(t, (C,), sd["ln1.weight"], sd["ln1.bias"], eps=1e-6)
+    return t.transpose(1, 2).reshape(b, C, gh, gw)
+
+
+def _reference_head(f, hd, rows=slice(None)):
+    inorm = lambda z: F.silu(F.instance_norm(z))
+    f = inorm(F.conv_transpose2d(f, hd["head.deconv_layers.0.weight"], stride=2, padding=1))
+    f = inorm(F.conv_transpose2d(f, hd["head.deconv_layers.3.weight"], stride=2, padding=1))
+    f = inorm(F.conv2d(f, hd["head.conv_layers.0.weight"], hd["head.conv_layers.0.bias"]))
+    f = inorm(F.conv2d(f, hd["head.conv_layers.3.weight"], hd["head.conv_layers.3.bias"]))
+    return F.conv2d(f, hd["head.final_layer.weight"][rows], hd["head.final_layer.bias"][rows])
+
+
+@pytest.fixture(scope="module")
+def x():
+    return torch.randn(1, 3, 1024, 768, generator=torch.Generator().manual_seed(5))
+
+
+def test_lora_checkpoint_equals_explicit_lora_forward(tmp_path, x):
+    pre, lora, hd = pretrain_state(), lora_state(), head_state(19)
+    torch.save(pre, tmp_path / "sapiens_tiny_epoch_1_clean.pth")
+    torch.save({"meta": {}, "state_dict": {**lora, **hd}}, tmp_path / "best_EPE.pth")
+    det = load_official(tmp_path / "best_EPE.pth")
+    assert det.card["coarse"]["net"]["arch"] == ARCH and len(det.names) == 19 and det.names[0] == "S"
+
+    def lora_fn(i, name):
+        p = f"backbone.module.layers.{i}.attn.{name}."
+        return lambda z: F.linear(F.linear(z, lora[p + "lora_down.weight"]), lora[p + "lora_up.weight"])
+
+    heads = {(i, n): lora_fn(i, n) for i in range(DEPTH) for n in ("qkv", "proj")}
+    with torch.no_grad():
+        expected = _reference_head(_reference_forward(x, pre, heads), hd)
+        got = det.coarse(x)
+    assert got.shape == (1, 19, 256, 192)
+    assert torch.allclose(got, expected, atol=2e-4), (got - expected).abs().max()
+
+
+def test_full_finetune_checkpoint_and_multidataset_split(tmp_path, x):
+    pre, hd = pretrain_state(seed=3), head_state(88, seed=4)
+    full = {f"backbone.{k}": v for k, v in pre.items() if k != "cls_token"}
+    full["backbone.pos_embed"] = resize_pos_embed(pre["pos_embed"], (64, 48))  # [1, 3072, C]
+    torch.save({"state_dict": {**full, **hd}}, tmp_path / "best_EPE_epoch_199.pth")
+    det = load_official(tmp_path / "best_EPE_epoch_199.pth", dataset="hand")
+    assert len(det.names) == 37 and det.card["name"].endswith("hand")
+    with torch.no_grad():
+        expected = _reference_head(_reference_forward(x, pre, {}), hd, rows=slice(25, 62))
+        got = det.coarse(x)
+    assert torch.allclose(got, expected, atol=2e-4)
+
+
+def test_lora_only_without_pretrain_names_the_missing_file(tmp_path):
+    torch.save({"state_dict": {**lora_state(), **head_state(19)}}, tmp_path / "ckpt.pth")
+    with pytest.raises(CheckpointError, match="only LoRA weights.*pretrain"):
+        load_official(tmp_path / "ckpt.pth")
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path):
+    pre = pretrain_state()
+    full = {f"backbone.{k}": v for k, v in pre.items() if k not in ("cls_token", "layers.1.ln2.bias")}
+    hd = head_state(19)
+    del hd["head.conv_layers.3.bias"]
+    hd["head.extra.weight"] = torch.zeros(1)
+    torch.save({"state_dict": {**full, **hd}}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_official(tmp_path / "bad.pth")
+    msg = str(err.value)
+    assert "vit.blocks.1.norm2.bias" in msg and "head.conv_layers.3.bias" in msg and "head.extra.weight" in msg
+
+
+class _Payload:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_pickled_callable_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"state_dict": _Payload(str(marker))}, f)
+    with pytest.raises(CheckpointError, match="refused or unreadable"):
+        load_official(tmp_path / "evil.pth")
+    assert not marker.exists()
+
+
+def test_sapiens_configs_match_the_published_sizes():
+    net = LandmarkNet({"family": "sapiens", "arch": "sapiens_0.3b", "input_size": [1024, 768],
+                       "num_keypoints": 19})
+    n_backbone = sum(p.numel() for p in net.backbone.parameters())
+    assert 0.30e9 < n_backbone < 0.32e9  # Sapiens-0.3B: ~0.3 B parameters
+    assert net.backbone.vit.patch_embed.proj.padding == (2, 2)
+    assert net.backbone.vit.pos_embed.shape == (1, 64 * 48, 1024)
+    names = set(net.state_dict())
+    assert {"head.deconv_layers.0.weight", "head.deconv_layers.3.weight", "head.conv_layers.0.bias",
+            "head.conv_layers.3.weight", "head.final_layer.weight"} <= names
