@@ -8,6 +8,9 @@ import slicer_core
 
 def new_scene():
     scene = slicer.vtkMRMLScene()
+    selection = slicer.vtkMRMLSelectionNode()  # the singleton that Slicer's app adds
+    selection.SetSingletonTag("Singleton")
+    scene.AddNode(selection)
     logic = slicer_core.vtkSlicerMarkupsModuleLogic.vtkSlicerMarkupsLogic()
     logic.SetMRMLScene(scene)
     return scene, logic

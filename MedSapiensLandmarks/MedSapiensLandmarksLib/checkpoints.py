@@ -122,7 +122,9 @@ def save_model(out_dir: Path, card: dict[str, Any], coarse: torch.nn.Module,
     state = {f"coarse.{k}": v for k, v in coarse.state_dict().items()}
     if refine is not None:
         state.update({f"refine.{k}": v for k, v in refine.state_dict().items()})
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    # float16 storage halves the file; loading copies back into the float32 parameters
+    state = {k: (v.half() if v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in state.items()}
     card = {**card, "format": CARD_FORMAT, "weights": "model.safetensors"}
     with atomic_write(out_dir / "model.safetensors") as tmp:
         save_file(state, str(tmp))

@@ -45,7 +45,8 @@ def parse_formats(text: str) -> list[str]:
     fmts = [f.strip().lstrip(".") for f in text.split(",") if f.strip()]
     bad = [f for f in fmts if f not in FORMATS]
     if bad or not fmts:
-        raise UsageError(f"unknown output format(s) {', '.join(bad) or text!r}; choose from {', '.join(FORMATS)}")
+        shown = ", ".join(bad) if bad else repr(text)
+        raise UsageError(f"unknown output format(s) {shown}; choose from {', '.join(FORMATS)}")
     return fmts
 
 
@@ -143,29 +144,45 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .datasets import read_landmark_csv
     from .detector import Detector
+    from .export import read_cases
     from .landmarks import CEPH_19, HAND_37, numbered
-    from .training import TrainConfig, fit
+    from .training import TrainConfig, fit, mean_radial_error
 
-    cases = read_landmark_csv(args.csv, args.images, spacing=args.spacing)
-    if args.split:
-        cases = [c for c in cases if c.split == args.split]
-    cases.sort(key=lambda c: c.case_id)
+    if bool(args.csv) == bool(args.cases):
+        raise UsageError("give exactly one of --csv (ISBI-style CSV) or --cases (export folder)")
+    if args.cases:
+        cases, names = read_cases(args.cases)
+    else:
+        cases = read_landmark_csv(args.csv, args.images, spacing=args.spacing)
+        if args.split:
+            cases = [c for c in cases if c.split == args.split]
+        k = len(cases[0].xy) if cases else 0
+        names = {19: CEPH_19, 37: HAND_37}.get(k, numbered("P", "point", k))
+    cases.sort(key=lambda c: str(c.image))
     if args.val_csv:
         val = read_landmark_csv(args.val_csv, args.images, spacing=args.spacing)
     else:
-        n_val = min(args.val_count, max(0, len(cases) - 1))
+        n_val = args.val_count if args.val_count is not None else (10 if args.csv else len(cases) // 5)
+        n_val = min(n_val, max(0, len(cases) - 1))
         cases, val = cases[: len(cases) - n_val], cases[len(cases) - n_val:]
     if not cases:
         raise UsageError("no training cases")
-    k = len(cases[0].xy)
-    names = {19: CEPH_19, 37: HAND_37}.get(k, numbered("P", "point", k))
     cfg = TrainConfig(coarse_epochs=args.coarse_epochs, refine_epochs=args.refine_epochs,
                       seed=args.seed, threads=args.threads or 2)
     init = Detector.load(args.init, device="cpu") if args.init else None
+    if init is not None and len(init.names) != len(names):
+        raise UsageError(f"--init model has {len(init.names)} landmarks, the cases {len(names)}")
+    before = mean_radial_error(init, val) if init is not None and val else None
     card = {"name": args.name or Path(args.output).name,
-            "dataset": {"csv": str(args.csv), "train": len(cases), "val": len(val)}}
+            "dataset": {"source": str(args.csv or args.cases), "train": len(cases), "val": len(val)}}
     path = fit(cases, val, names, Path(args.output), cfg, card=card, init=init)
     print(f"model written: {path}")
+    if before is not None:
+        after = mean_radial_error(Detector.load(path, device="cpu"), val)
+        report = {"val_cases": len(val), "mre_before_mm": before, "mre_after_mm": after,
+                  "accepted": after <= before}
+        (Path(args.output) / "finetune.json").write_text(json.dumps(report, indent=2) + "\n")
+        print("finetune: " + json.dumps(report))
     return 0
 
 
@@ -204,11 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     t = sub.add_parser("train", help="train or fine-tune a model from annotated images")
-    t.add_argument("--csv", required=True, help="ISBI-style landmark CSV")
+    t.add_argument("--csv", default=None, help="ISBI-style landmark CSV")
+    t.add_argument("--cases", default=None, help="export folder (dataset.json) from Slicer/export")
     t.add_argument("--images", default=None)
     t.add_argument("--split", default=None, help="keep rows of this split (hand CSV: train)")
     t.add_argument("--val-csv", default=None)
-    t.add_argument("--val-count", type=int, default=10, help="last N cases held out for validation")
+    t.add_argument("--val-count", type=int, default=None,
+                   help="last N cases held out for validation (default: 10 of a CSV, 1/5 of cases)")
     t.add_argument("--spacing", type=float, default=None)
     t.add_argument("-o", "--output", required=True, help="model folder to write")
     t.add_argument("--name", default=None)

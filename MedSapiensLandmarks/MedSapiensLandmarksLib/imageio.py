@@ -99,7 +99,7 @@ def read_image(path: str | Path, spacing: float | None = None, slice_index: int 
         a = np.zeros((3, 3))
         a[:2] = np.c_[dirm[:, 0] * sp[0], dirm[:, 1] * sp[1], org]
     elif dim == 3:
-        arr, a = _slice_3d(path, arr, sp, org, dirm, slice_index, axis)
+        arr, a = slice_volume(str(path), arr, dirm * sp, org, slice_index, axis)
     else:
         raise ImageError(f"{path}: {dim}D images are not supported")
     if arr.ndim == 3 and arr.shape[2] not in (1, 3, 4):
@@ -110,21 +110,24 @@ def read_image(path: str | Path, spacing: float | None = None, slice_index: int 
     return rad.with_spacing(spacing) if spacing is not None else rad
 
 
-def _slice_3d(path: Path, arr: np.ndarray, sp: np.ndarray, org: np.ndarray, dirm: np.ndarray,
-              slice_index: int | None, axis: int) -> tuple[np.ndarray, np.ndarray]:
+def slice_volume(name: str, arr: np.ndarray, cols: np.ndarray, org: np.ndarray,
+                 slice_index: int | None, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """KJI(C) array + LPS step per index (columns of ``cols``) -> 2D slice and its pixel_to_lps.
+
+    A volume of one slice needs no slice choice; otherwise ``slice_index`` is required.
+    """
     depth = arr.shape[0]
     if slice_index is None:
         if depth == 1:
             slice_index, axis = 0, 2
         else:
-            raise ImageError(f"{path}: 3D volume ({arr.shape[2]}x{arr.shape[1]}x{depth}); "
+            raise ImageError(f"{name}: 3D volume ({arr.shape[2]}x{arr.shape[1]}x{depth}); "
                              f"choose a slice (--slice INDEX [--axis 0|1|2])")
     if axis not in (0, 1, 2):
-        raise ImageError(f"{path}: slice axis must be 0, 1 or 2, got {axis}")
+        raise ImageError(f"{name}: slice axis must be 0, 1 or 2, got {axis}")
     n = arr.shape[2 - axis]
     if not 0 <= slice_index < n:
-        raise ImageError(f"{path}: slice {slice_index} out of range 0..{n - 1} along axis {axis}")
-    cols = dirm * sp  # column c = LPS step of index c
+        raise ImageError(f"{name}: slice {slice_index} out of range 0..{n - 1} along axis {axis}")
     # image (x, y) -> volume index: k-slices use (i, j); j-slices (i, k); i-slices (j, k).
     inplane = {2: (0, 1), 1: (0, 2), 0: (1, 2)}[axis]
     index = [slice(None)] * 3

@@ -200,6 +200,14 @@ def seed_everything(seed: int, data: Any = None) -> None:
         data.rng = np.random.default_rng(seed)
 
 
+def mean_radial_error(det: Any, cases: Sequence[Case], images: Sequence[Any] | None = None) -> float:
+    """MRE in mm (pixel spacing of each image) of a detector on annotated cases."""
+    images = images if images is not None else [read_image(c.image, spacing=c.spacing) for c in cases]
+    errs = [np.linalg.norm(lm.xy - c.xy, axis=1) * img.spacing[0]
+            for lm, c, img in zip(det.detect_batch(images), cases, images)]
+    return float(np.mean(errs))
+
+
 def net_specs(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
     """Model-card entries (architecture + input framing) for both stages."""
     common = {"channels": 1, "mean": GRAY_MEAN, "std": GRAY_STD, "antialias": True,
@@ -246,9 +254,7 @@ def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Seque
             if not val_cases:
                 return {}
             det = Detector(card, coarse, refine if use_refine else None, device="cpu")
-            errs = [np.linalg.norm(lm.xy - c.xy, axis=1) * img.spacing[0]
-                    for lm, c, img in zip(det.detect_batch(val_images), val_cases, val_images)]
-            return {"val_mre_mm": float(np.mean(errs))}
+            return {"val_mre_mm": mean_radial_error(det, val_cases, val_images)}
         return run
 
     def log(record: dict[str, Any]) -> None:

@@ -1,0 +1,155 @@
+"""Training cases from corrected detections: image (NRRD, geometry kept) + .mrk.json per case.
+
+Folder layout (what ``train --cases DIR`` reads)::
+
+    DIR/dataset.json            index: landmark names and the cases
+    DIR/cases/<id>/image.nrrd   the radiograph slice with its LPS geometry
+    DIR/cases/<id>/landmarks.mrk.json   corrected flags in the "medsapiens" block
+    DIR/coco_keypoints.json     the same cases in COCO-keypoints (mmpose) format
+    DIR/landmarks.csv           ISBI-style pixel coordinates
+
+A case folder is written under a temporary name and renamed into place, so a case is either
+complete or absent; an existing case is never overwritten silently (``overwrite=True`` keeps
+the old one as ``<id>.previous-<n>``).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .datasets import Case
+from .detector import Landmarks
+from .imageio import Radiograph, read_image
+from .markups import read_markups, write_markups, write_text
+
+INDEX_FORMAT = "medsapiens-landmarks-cases/1"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class ExportError(ValueError):
+    """A case that cannot be exported; nothing was written."""
+
+
+def radiograph_to_itk(image: Radiograph) -> sitk.Image:
+    """2D radiograph -> a one-slice 3D ITK image carrying the exact pixel_to_lps geometry."""
+    pix = image.pixels
+    itk = sitk.GetImageFromArray(pix[None], isVector=pix.ndim == 3)
+    a = image.pixel_to_lps
+    ex, ey = a[:, 0], a[:, 1]
+    sx, sy = np.linalg.norm(ex), np.linalg.norm(ey)
+    normal = np.cross(ex, ey)
+    normal = normal / np.linalg.norm(normal) if np.linalg.norm(normal) > 0 else np.array([0, 0, 1.0])
+    direction = np.c_[ex / sx, ey / sy, normal]
+    itk.SetSpacing((sx, sy, 1.0))
+    itk.SetOrigin(tuple(a[:, 2]))
+    itk.SetDirection(direction.ravel().tolist())
+    return itk
+
+
+def _read_index(root: Path) -> dict[str, Any]:
+    path = root / "dataset.json"
+    if not path.exists():
+        return {"format": INDEX_FORMAT, "landmarks": [], "cases": []}
+    index = json.loads(path.read_text())
+    if index.get("format") != INDEX_FORMAT:
+        raise ExportError(f"{path}: not a MedSapiensLandmarks case index")
+    return index
+
+
+def export_case(root: str | Path, case_id: str, image: Radiograph, lm: Landmarks,
+                corrected: Sequence[bool], overwrite: bool = False) -> Path:
+    """Write one training case and refresh the index, COCO and CSV files. Returns the case folder."""
+    root = Path(root)
+    if not _SAFE_ID.match(case_id):
+        raise ExportError(f"case id {case_id!r}: use letters, digits, '.', '_' or '-' (max 100)")
+    if len(corrected) != len(lm):
+        raise ExportError(f"{len(corrected)} corrected flags for {len(lm)} landmarks")
+    index = _read_index(root)
+    names = list(lm.names)
+    if index["landmarks"] and index["landmarks"] != names:
+        raise ExportError(f"{root}: holds cases with landmarks {index['landmarks'][:3]}..., "
+                          f"not {names[:3]}...; export to another folder")
+    cases_dir = root / "cases"
+    cases_dir.mkdir(parents=True, exist_ok=True)
+    final = cases_dir / case_id
+    if final.exists() and not overwrite:
+        raise ExportError(f"{final}: case already exported (choose another id or overwrite)")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{case_id}.", dir=cases_dir))
+    try:
+        sitk.WriteImage(radiograph_to_itk(image), str(tmp / "image.nrrd"), useCompression=True)
+        write_markups(tmp / "landmarks.mrk.json", lm, name=case_id, corrected=corrected)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            n = 1
+            while (cases_dir / f"{case_id}.previous-{n}").exists():
+                n += 1
+            os.replace(final, cases_dir / f"{case_id}.previous-{n}")
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    entries = [c for c in index["cases"] if c["id"] != case_id]
+    entries.append({"id": case_id, "image": f"cases/{case_id}/image.nrrd",
+                    "markups": f"cases/{case_id}/landmarks.mrk.json",
+                    "corrected": int(sum(bool(c) for c in corrected)), "model": lm.meta.get("model", "")})
+    index.update(landmarks=names, cases=sorted(entries, key=lambda c: c["id"]),
+                 descriptions=list(lm.descriptions))
+    write_text(root / "dataset.json", json.dumps(index, indent=2) + "\n")
+    write_derived(root)
+    return final
+
+
+def read_cases(root: str | Path) -> tuple[list[Case], list[tuple[str, str]]]:
+    """Cases of an export folder (pixel landmarks from the LPS markups) and landmark names."""
+    root = Path(root)
+    if not (root / "dataset.json").exists():
+        raise ExportError(f"{root}: no dataset.json (not an export folder)")
+    index = _read_index(root)
+    cases = []
+    for entry in index["cases"]:
+        image = read_image(root / entry["image"])
+        mk = read_markups(root / entry["markups"])
+        cases.append(Case(root / entry["image"], image.to_pixels(mk["lps"]), None, "export"))
+    descs = index.get("descriptions", index["landmarks"])
+    return cases, list(zip(index["landmarks"], descs))
+
+
+def write_derived(root: Path) -> None:
+    """COCO-keypoints JSON and ISBI-style CSV for all cases of the index."""
+    cases, names = read_cases(root)
+    index = _read_index(root)
+    images, annotations, rows = [], [], []
+    for n, (case, entry) in enumerate(zip(cases, index["cases"]), start=1):
+        h, w = read_image(case.image).shape
+        xy = case.xy
+        images.append({"id": n, "file_name": entry["image"], "width": w, "height": h})
+        x0, y0 = xy.min(0)
+        x1, y1 = xy.max(0)
+        kps = [v for p in xy for v in (float(p[0]), float(p[1]), 2)]
+        annotations.append({"id": n, "image_id": n, "category_id": 1, "iscrowd": 0,
+                            "keypoints": kps, "num_keypoints": len(xy),
+                            "bbox": [0.0, 0.0, float(w), float(h)], "area": float(w * h),
+                            "landmark_bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]})
+        rows.append([entry["image"], *(f"{v:.3f}" for v in xy.ravel())])
+    coco = {"info": {"description": "MedSapiensLandmarks export"}, "images": images,
+            "annotations": annotations,
+            "categories": [{"id": 1, "name": "anatomy", "supercategory": "anatomy",
+                            "keypoints": [n for n, _ in names], "skeleton": []}]}
+    write_text(root / "coco_keypoints.json", json.dumps(coco, indent=1) + "\n")
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["image_path"] + [f"{i}_{a}" for i in range(1, len(names) + 1) for a in ("x", "y")])
+    w.writerows(rows)
+    write_text(root / "landmarks.csv", out.getvalue())

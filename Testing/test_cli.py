@@ -1,0 +1,84 @@
+"""The command line on real cephalograms with the shipped default model."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+from MedSapiensLandmarksLib.cli import main
+from MedSapiensLandmarksLib.datasets import read_landmark_csv
+from MedSapiensLandmarksLib.markups import read_markups
+from slicer_helpers import read_markups_with_slicer
+
+
+@pytest.fixture(scope="module")
+def truth_151(ceph_dir):
+    cases = {c.case_id: c for c in read_landmark_csv(ceph_dir / "test1_senior.csv", spacing=0.1)}
+    return cases["151"].xy
+
+
+def test_detect_writes_markups_and_overlay_near_the_annotation(tmp_path, ceph_dir, truth_151):
+    rc = main(["detect", str(ceph_dir / "images" / "151.jpg"), "--spacing", "0.1", "-o", str(tmp_path),
+               "--format", "mrk.json,fcsv,csv,png"])
+    assert rc == 0
+    doc = read_markups(tmp_path / "151.mrk.json")
+    assert doc["labels"][:3] == ["S", "N", "Or"] and len(doc["labels"]) == 19
+    # LPS mm at 0.1 mm/pixel, origin 0: pixel = position / 0.1
+    xy = doc["lps"][:, :2] / 0.1
+    err_mm = np.linalg.norm(xy - truth_151, axis=1) * 0.1
+    assert np.median(err_mm) < 2.0 and (err_mm < 5.0).mean() >= 0.85, err_mm.round(2)
+    labels, ras, _ = read_markups_with_slicer(tmp_path / "151.mrk.json")
+    assert np.abs(ras - doc["lps"] * [-1, -1, 1]).max() < 1e-3
+    conf = np.array(doc["extra"]["confidence"])
+    assert conf.shape == (19,) and ((conf > 0) & (conf <= 1)).all()
+    with Image.open(tmp_path / "151.overlay.png") as pic:
+        assert pic.mode == "RGB" and pic.size[1] == 2000 and abs(pic.size[0] - 1612) <= 1
+    assert (tmp_path / "151.fcsv").exists() and len((tmp_path / "151.csv").read_text().splitlines()) == 20
+
+
+def test_batch_with_bad_files_keeps_going(tmp_path, ceph_dir, capsys):
+    bad = tmp_path / "in"
+    bad.mkdir()
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "notes.png").write_text("not an image")
+    out = tmp_path / "out"
+    rc = main(["detect", str(bad / "empty.png"), str(ceph_dir / "images" / "152.jpg"),
+               str(bad / "notes.png"), str(bad / "missing.jpg"), "--spacing", "0.1", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3
+    assert any("empty.png: empty file" in e for e in errors)
+    assert any("notes.png: not a readable image" in e for e in errors)
+    assert any("missing.jpg: file not found" in e for e in errors)
+    assert sorted(p.name for p in out.iterdir()) == ["152.mrk.json", "152.overlay.png"]
+
+
+def test_wrong_checkpoint_and_bad_format_exit_2(tmp_path, ceph_dir, capsys):
+    junk = tmp_path / "model.pth"
+    junk.write_bytes(b"\x00" * 100)
+    img = str(ceph_dir / "images" / "151.jpg")
+    assert main(["detect", img, "-o", str(tmp_path / "o"), "--model", str(junk)]) == 2
+    assert main(["detect", img, "-o", str(tmp_path / "o"), "--model", str(tmp_path / "nope")]) == 2
+    assert main(["detect", img, "-o", str(tmp_path / "o"), "--format", "mrk.json,docx"]) == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert "refused or unreadable checkpoint" in lines[0]
+    assert "model not found" in lines[1] and "unknown output format(s) docx" in lines[2]
+
+
+def test_evaluate_prints_mre_and_sdr(tmp_path, ceph_dir, truth_151):
+    out = tmp_path / "e.json"
+    proc = subprocess.run([sys.executable, "-m", "MedSapiensLandmarksLib.cli", "evaluate",
+                           str(ceph_dir / "test1_senior.csv"), "--limit", "2", "--json", str(out)],
+                          capture_output=True, text=True, cwd=ROOT / "MedSapiensLandmarks", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "ALL" in proc.stdout and "<2mm" in proc.stdout
+    res = json.loads(out.read_text())
+    errors = np.array(res["errors_mm"])
+    assert errors.shape == (2, 19)
+    assert res["overall"]["mre_mm"] == pytest.approx(errors.mean(), abs=1e-4)  # errors stored to 1e-4
+    assert res["overall"]["sdr_2mm"] == pytest.approx((errors < 2).mean() * 100)
+    assert res["overall"]["mre_mm"] < 3.0

@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+
+from MedSapiensLandmarksLib.datasets import read_landmark_csv
+from MedSapiensLandmarksLib.metrics import hand_scale, radial_errors, summarize
+
+
+def test_mre_and_sdr_on_known_errors():
+    pred = np.array([[[0.0, 0.0], [3.0, 4.0], [0.0, 25.0]]])
+    truth = np.zeros((1, 3, 2))
+    e = radial_errors(pred, truth, 0.1)  # 0, 0.5, 2.5 mm
+    assert np.allclose(e, [[0.0, 0.5, 2.5]])
+    s = summarize(e)
+    assert s["mre_mm"] == pytest.approx(1.0)
+    assert s["sdr_2mm"] == pytest.approx(200 / 3) and s["sdr_2.5mm"] == pytest.approx(200 / 3)
+    assert s["sdr_3mm"] == pytest.approx(100.0)
+
+
+def test_hand_scale_makes_wrist_width_50mm():
+    truth = np.zeros((2, 6, 2))
+    truth[0, 5] = [100, 0]
+    truth[1, 5] = [0, 250]
+    truth[:, 1] = 0
+    assert np.allclose(hand_scale(truth), [0.5, 0.2])
+
+
+def test_isbi_and_hand_csv_layouts(ceph_dir):
+    cases = read_landmark_csv(ceph_dir / "test1_senior.csv", spacing=0.1)
+    assert len(cases) == 150 and cases[0].xy.shape == (19, 2)
+    assert all(c.image.exists() for c in cases[:5])
+    hand = read_landmark_csv(ceph_dir.parent / "dha-hand" / "landmarks.csv")
+    assert len(hand) == 112 and hand[0].xy.shape == (37, 2)
+    assert {c.split for c in hand} == {"train", "valid"} and sum(c.split == "train" for c in hand) == 91
+
+
+def test_bad_csv_is_reported_with_its_line(tmp_path):
+    p = tmp_path / "x.csv"
+    p.write_text("image_path,1_x,1_y\na.jpg,1,2\nb.jpg,3,oops\n")
+    with pytest.raises(ValueError, match=r"x.csv:3: bad coordinate row"):
+        read_landmark_csv(p)

@@ -1,0 +1,152 @@
+"""The module logic against real Slicer MRML (slicer-core): detect, correct, re-detect, export."""
+import json
+
+import jsonschema
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicer
+
+from conftest import SCHEMA
+from MedSapiensLandmarksLib.datasets import read_landmark_csv
+from MedSapiensLandmarksLib.export import ExportError, read_cases
+from MedSapiensLandmarksLib.imageio import read_image
+from MedSapiensLandmarksLib.logic import LandmarksLogic
+from MedSapiensLandmarksLib.mrml import corrected_flags, ijk_to_ras, table_rows
+from slicer_helpers import new_scene, read_markups_with_slicer
+
+FLIP = np.array([[-1.0, 0, 0], [0, -1.0, 0], [0, 0, 1.0]])
+
+
+def load_volume(scene, path):
+    """Load through vtkMRMLVolumeArchetypeStorageNode, as Slicer does."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", path.stem)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    storage.SetSingleFile(True)
+    assert storage.ReadData(node), f"Slicer could not read {path}"
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    return node
+
+
+def ceph_as_nrrd(ceph_dir, tmp_path, case="151", spacing=(0.1, 0.1), origin=(0.0, 0.0, 0.0),
+                 direction=np.eye(3)):
+    itk = sitk.ReadImage(str(ceph_dir / "images" / f"{case}.jpg"))
+    if itk.GetNumberOfComponentsPerPixel() > 1:
+        itk = sitk.VectorIndexSelectionCast(itk, 0)
+    itk = sitk.JoinSeries(itk)  # one-slice 3D volume, like a radiograph in Slicer
+    itk.SetSpacing((*spacing, 1.0))
+    itk.SetOrigin(origin)
+    itk.SetDirection(np.asarray(direction).ravel().tolist())
+    path = tmp_path / f"{case}.nrrd"
+    sitk.WriteImage(itk, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def truth(ceph_dir):
+    return {c.case_id: c.xy for c in read_landmark_csv(ceph_dir / "test1_senior.csv")}
+
+
+@pytest.fixture()
+def scene():
+    return new_scene()[0]
+
+
+def pixel_to_ras(volume_node, xy):
+    m = ijk_to_ras(volume_node)
+    ijk = np.c_[xy, np.zeros(len(xy)), np.ones(len(xy))]
+    return (ijk @ m.T)[:, :3]
+
+
+@pytest.mark.parametrize("geometry", [
+    dict(spacing=(0.1, 0.1)),
+    dict(spacing=(0.13, 0.07), origin=(25.0, -40.0, 3.0), direction=FLIP),
+])
+def test_detect_writes_named_points_on_the_volume_geometry(ceph_dir, tmp_path, scene, truth, geometry):
+    vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path, **geometry))
+    logic = LandmarksLogic(scene)
+    node = logic.detect(vol)
+    assert node.GetNumberOfControlPoints() == 19 and node.GetFixedNumberOfControlPoints()
+    assert [node.GetNthControlPointLabel(i) for i in range(3)] == ["S", "N", "Or"]
+    assert node.GetNthControlPointDescription(0).startswith("sella (confidence ")
+    # The same model on the same pixels (read independently of MRML), mapped through IJK-to-RAS.
+    lm = logic.detector().detect(read_image(ceph_dir / "images" / "151.jpg"))
+    expected = pixel_to_ras(vol, lm.xy)
+    got = np.array([node.GetNthControlPointPosition(i) for i in range(19)])
+    assert np.abs(got - expected).max() < 0.01
+    # and the points are where the senior annotator put them (mm in the volume's own spacing)
+    err_px = np.linalg.norm(lm.xy - truth["151"], axis=1)
+    assert np.median(err_px * 0.1) < 2.0
+    rows = table_rows(node)
+    assert [r["confidence"] for r in rows] == sorted(r["confidence"] for r in rows)
+
+
+def test_correction_is_recorded_kept_on_redetect_and_survives_save(ceph_dir, tmp_path, scene):
+    vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path))
+    logic = LandmarksLogic(scene)
+    node = logic.detect(vol)
+    moved = np.array(node.GetNthControlPointPosition(4)) + [1.5, -2.0, 0.0]
+    node.SetNthControlPointPosition(4, *moved)
+    assert corrected_flags(node) == [False] * 19  # not until the drag ends
+    node.InvokeEvent(node.PointEndInteractionEvent)
+    flags = corrected_flags(node)
+    assert flags[4] and sum(flags) == 1
+    node.SetNthControlPointLocked(7, True)
+    locked_pos = np.array(node.GetNthControlPointPosition(7)) + [0.0, 3.0, 0.0]
+    node.SetNthControlPointPosition(7, *locked_pos)
+    node.SetAttribute("MedSapiens.Corrected", "")  # forget the attribute: description tags remain
+    again = logic.detect(vol, markups_node=node)
+    assert again is node and node.GetNumberOfControlPoints() == 19
+    assert np.allclose(node.GetNthControlPointPosition(4), moved)
+    assert np.allclose(node.GetNthControlPointPosition(7), locked_pos)
+    assert corrected_flags(node)[4]
+    # save as .mrk.json through Slicer's storage node and load it back: the flag survives
+    storage = scene.AddNewNodeByClass("vtkMRMLMarkupsJsonStorageNode")
+    storage.SetFileName(str(tmp_path / "saved.mrk.json"))
+    assert storage.WriteData(node)
+    _labels, ras, descs = read_markups_with_slicer(tmp_path / "saved.mrk.json")
+    assert descs[4].endswith(" [corrected]") and not descs[3].endswith(" [corrected]")
+    assert np.allclose(ras[4], moved, atol=1e-4)
+
+
+def test_export_writes_complete_valid_cases(ceph_dir, tmp_path, scene):
+    out = tmp_path / "export"
+    logic = LandmarksLogic(scene)
+    ras_moved = None
+    for case, geometry in (("151", dict(spacing=(0.1, 0.1))),
+                           ("152", dict(spacing=(0.12, 0.1), origin=(5.0, 6.0, 7.0), direction=FLIP))):
+        vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path, case, **geometry))
+        node = logic.detect(vol)
+        if case == "152":
+            ras_moved = np.array(node.GetNthControlPointPosition(0)) + [2.0, 2.0, 0.0]
+            node.SetNthControlPointPosition(0, *ras_moved)
+            node.InvokeEvent(node.PointEndInteractionEvent)
+        logic.export(vol, node, out)
+    index = json.loads((out / "dataset.json").read_text())
+    assert [c["id"] for c in index["cases"]] == ["151", "152"]
+    assert [c["corrected"] for c in index["cases"]] == [0, 1]
+    mrk = out / "cases" / "152" / "landmarks.mrk.json"
+    doc = json.loads(mrk.read_text())
+    jsonschema.validate(doc, json.loads(SCHEMA.read_text()))
+    assert doc["markups"][0]["medsapiens"]["corrected"][:2] == [True, False]
+    _labels, ras, _ = read_markups_with_slicer(mrk)
+    assert np.allclose(ras[0], ras_moved, atol=1e-3)
+    # the exported image keeps the geometry: reload it as a volume and compare IJK-to-RAS
+    vol2 = load_volume(scene, out / "cases" / "152" / "image.nrrd")
+    assert np.allclose(ijk_to_ras(vol2), ijk_to_ras(scene.GetFirstNodeByName("152")), atol=1e-6)
+    cases, names = read_cases(out)
+    assert len(cases) == 2 and names[0] == ("S", "sella")
+    assert np.allclose(pixel_to_ras(vol2, cases[1].xy[:1]), [ras_moved], atol=1e-3)
+    coco = json.loads((out / "coco_keypoints.json").read_text())
+    assert len(coco["images"]) == 2 and len(coco["annotations"][1]["keypoints"]) == 19 * 3
+    assert coco["categories"][0]["keypoints"][0] == "S"
+    assert np.allclose(coco["annotations"][1]["keypoints"][:2], cases[1].xy[0], atol=1e-6)
+    rows = (out / "landmarks.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("image_path,1_x,1_y")
+    # never overwritten silently; overwrite keeps the previous version
+    with pytest.raises(ExportError, match="already exported"):
+        logic.export(scene.GetFirstNodeByName("152"), node, out)
+    logic.export(scene.GetFirstNodeByName("152"), node, out, overwrite=True)
+    assert (out / "cases" / "152.previous-1" / "landmarks.mrk.json").exists()
+    assert not [p for p in (out / "cases").iterdir() if p.name.startswith(".")]
