@@ -150,3 +150,31 @@ def test_export_writes_complete_valid_cases(ceph_dir, tmp_path, scene):
     logic.export(scene.GetFirstNodeByName("152"), node, out, overwrite=True)
     assert (out / "cases" / "152.previous-1" / "landmarks.mrk.json").exists()
     assert not [p for p in (out / "cases").iterdir() if p.name.startswith(".")]
+
+
+def test_finetune_from_exported_cases(ceph_dir, tmp_path, scene):
+    from MedSapiensLandmarksLib.logic import FinetuneJob
+
+    out = tmp_path / "export"
+    logic = LandmarksLogic(scene)
+    truth = {c.case_id: c.xy for c in read_landmark_csv(ceph_dir / "test1_senior.csv")}
+    for case in ("153", "154", "155"):
+        vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path, case))
+        node = logic.detect(vol)
+        # the clinician puts every point where the senior annotator did
+        for i, (x, y) in enumerate(truth[case]):
+            node.SetNthControlPointPosition(i, *pixel_to_ras(vol, np.array([[x, y]]))[0])
+        node.InvokeEvent(node.PointEndInteractionEvent)
+        assert all(corrected_flags(node))  # every detection differed from the annotation
+        logic.export(vol, node, out)
+    lines = []
+    job = FinetuneJob(out, tmp_path / "model", init="default", coarse_epochs=1, refine_epochs=1,
+                      on_line=lines.append)
+    result = job.wait(timeout=900)
+    assert result["returncode"] == 0, "\n".join(lines[-20:])
+    assert job.progress == 1.0 and not job.running
+    assert result["val_cases"] == 1
+    assert result["accepted"] == (result["mre_after_mm"] <= result["mre_before_mm"])
+    assert (tmp_path / "model" / "model.json").exists() and result["model"].endswith("model.json")
+    card = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert card["training"]["train_cases"] == ["153", "154"] and card["training"]["val_cases"] == ["155"]

@@ -62,12 +62,13 @@ def test_loss_decreases_when_training_longer(tmp_path, cases):
 def test_interrupted_training_resumes_to_identical_weights(tmp_path, cases):
     cfg = training.TrainConfig(**CFG)
     grays = [training.load_gray(c) for c in cases[:4]]
-    net_cfg = {**training.net_specs(cfg)["coarse"]["net"], "num_keypoints": 2}
+    spec = training.net_specs(cfg)["coarse"]
+    net_cfg = {**spec["net"], "num_keypoints": 2}
 
     def run(work, validate):
         training.seed_everything(0)
         net = LandmarkNet(net_cfg)
-        data = training.CoarseSet(cases[:4], grays, cfg.coarse_size, True)
+        data = training.CoarseSet(cases[:4], grays, spec["input"], True)
         training.run_stage("coarse", net, data, (48, 64), cfg, 3, 2, work, validate, lambda r: None)
         return net
 

@@ -22,9 +22,13 @@ class CheckpointError(ValueError):
 
 
 def models_dir() -> Path:
-    """Shipped models: $MEDSAPIENS_MODELS, else the extension's Resources/Models."""
+    """Shipped models: $MEDSAPIENS_MODELS, else the module's Resources/Models.
+
+    The module folder holds the Lib and Resources side by side both in the source tree and in
+    an installed Slicer extension, so the same relative path works in both.
+    """
     env = os.environ.get("MEDSAPIENS_MODELS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "Resources" / "Models"
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "Resources" / "Models"
 
 
 def resolve(model: str | Path) -> Path:

@@ -162,7 +162,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.val_csv:
         val = read_landmark_csv(args.val_csv, args.images, spacing=args.spacing)
     else:
-        n_val = args.val_count if args.val_count is not None else (10 if args.csv else len(cases) // 5)
+        n_val = args.val_count if args.val_count is not None else (10 if args.csv else max(1, len(cases) // 5))
         n_val = min(n_val, max(0, len(cases) - 1))
         cases, val = cases[: len(cases) - n_val], cases[len(cases) - n_val:]
     if not cases:

@@ -16,10 +16,11 @@ class Case:
     xy: np.ndarray  # (K, 2)
     spacing: float | None = None  # mm per pixel when the image file does not carry it
     split: str = ""
+    name: str = ""  # case id when the file name is not one (export folders: cases/<id>/image.nrrd)
 
     @property
     def case_id(self) -> str:
-        return self.image.stem
+        return self.name or self.image.stem
 
 
 def read_landmark_csv(csv_path: str | Path, image_dir: str | Path | None = None,

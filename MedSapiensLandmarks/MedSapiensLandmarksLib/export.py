@@ -121,7 +121,7 @@ def read_cases(root: str | Path) -> tuple[list[Case], list[tuple[str, str]]]:
     for entry in index["cases"]:
         image = read_image(root / entry["image"])
         mk = read_markups(root / entry["markups"])
-        cases.append(Case(root / entry["image"], image.to_pixels(mk["lps"]), None, "export"))
+        cases.append(Case(root / entry["image"], image.to_pixels(mk["lps"]), None, "export", entry["id"]))
     descs = index.get("descriptions", index["landmarks"])
     return cases, list(zip(index["landmarks"], descs))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -72,10 +73,14 @@ class LandmarksLogic:
 
 
 class FinetuneJob:
-    """``medsapiens-landmarks train --cases ... --init ...`` in a child process, polled for progress."""
+    """``medsapiens-landmarks train --cases ... --init ...`` in a child process.
+
+    A reader thread collects its output, so `progress` and `running` never block a GUI.
+    """
 
     def __init__(self, cases_dir: str | Path, out_dir: str | Path, init: str = "default",
-                 coarse_epochs: int = 5, refine_epochs: int = 3, python: str | None = None) -> None:
+                 coarse_epochs: int = 5, refine_epochs: int = 3, python: str | None = None,
+                 on_line: Callable[[str], None] | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.total = coarse_epochs + refine_epochs
         cmd = [python or sys.executable, "-m", "MedSapiensLandmarksLib.cli", "train", "--cases",
@@ -85,32 +90,35 @@ class FinetuneJob:
                                      cwd=str(Path(__file__).resolve().parents[1]))
         self.lines: list[str] = []
         self.epochs_done = 0
+        self._reader = threading.Thread(target=self._read, args=(on_line,), daemon=True)
+        self._reader.start()
 
-    def poll(self, on_line: Callable[[str], None] | None = None) -> bool:
-        """Read what is available (blocking per line); returns True while still running."""
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if line:
-            self.lines.append(line.rstrip())
+    def _read(self, on_line: Callable[[str], None] | None) -> None:
+        for line in self.proc.stdout:
+            line = line.rstrip()
+            self.lines.append(line)
             if line.startswith("{") and '"epoch"' in line:
                 self.epochs_done += 1
             if on_line:
-                on_line(line.rstrip())
-            return True
-        return self.proc.poll() is None
+                on_line(line)
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None or self._reader.is_alive()
 
     @property
     def progress(self) -> float:
         return min(1.0, self.epochs_done / max(1, self.total))
 
-    def wait(self, on_line: Callable[[str], None] | None = None) -> dict[str, Any]:
-        while self.poll(on_line):
-            pass
-        return self.result()
-
     def cancel(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=30)
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        self.proc.wait(timeout=timeout)
+        self._reader.join()
+        return self.result()
 
     def result(self) -> dict[str, Any]:
         """Exit code and the before/after comparison; ``accepted`` only if not worse."""

@@ -74,23 +74,32 @@ class _Photometric:
         return self.noise(self.blur(self.jitter(img))).clamp(0, 1)
 
 
-def _normalise(plane01: torch.Tensor) -> torch.Tensor:
-    return (plane01 * 255.0 - GRAY_MEAN[0]) / GRAY_STD[0]
+def _normalise(plane01: torch.Tensor, spec: dict[str, Any]) -> torch.Tensor:
+    """[0, 1] grey plane(s) (1, H, W) -> the model's input channels and normalisation."""
+    x = (plane01 * 255.0).expand(spec.get("channels", 1), -1, -1)
+    mean = torch.tensor(spec["mean"], dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(spec["std"], dtype=torch.float32).view(-1, 1, 1)
+    return (x - mean) / std
+
+
+def image_box(shape: tuple[int, int], spec: dict[str, Any]) -> Box:
+    """The whole-image box of the coarse stage, as the detector frames it."""
+    h, w = spec["size"]
+    return Box.whole_image(*shape, aspect=w / h, padding=spec.get("padding", 1.0))
 
 
 class CoarseSet(torch.utils.data.Dataset):
-    """Whole images framed to the coarse input, affine + photometric augmentation."""
+    """Whole images framed as the coarse ``spec`` says, affine + photometric augmentation."""
 
-    def __init__(self, cases: Sequence[Case], grays: Sequence[np.ndarray], size: tuple[int, int],
+    def __init__(self, cases: Sequence[Case], grays: Sequence[np.ndarray], spec: dict[str, Any],
                  augment: bool) -> None:
-        h, w = size
+        h, w = spec["size"]
         self.items = []
         for case, gray in zip(cases, grays):
-            box = Box.whole_image(*gray.shape, aspect=w / h)
-            plane = warp(gray, box, (w, h), antialias=True) / 255.0
+            box = image_box(gray.shape, spec)
+            plane = warp(gray, box, (w, h), antialias=spec.get("antialias", False)) / 255.0
             self.items.append((plane, torch.tensor(box.to_grid(case.xy, (w, h)), dtype=torch.float32)))
-        self.size = size
-        self.augment = augment
+        self.spec, self.size, self.augment = spec, (h, w), augment
         self.affine = v2.RandomAffine(degrees=8, translate=(0.04, 0.04), scale=(0.9, 1.1))
         self.photo = _Photometric()
 
@@ -103,15 +112,16 @@ class CoarseSet(torch.utils.data.Dataset):
         if self.augment:
             img, kp = self.affine(img, tv_tensors.KeyPoints(kp, canvas_size=self.size))
             img = self.photo(img)
-        return _normalise(torch.as_tensor(img)), torch.as_tensor(kp)
+        return _normalise(torch.as_tensor(img), self.spec), torch.as_tensor(kp)
 
 
 class PatchSet(torch.utils.data.Dataset):
     """Full-resolution patches around jittered landmark positions, one item per (case, k)."""
 
-    def __init__(self, cases: Sequence[Case], grays: Sequence[np.ndarray], cfg: TrainConfig,
-                 augment: bool) -> None:
-        self.cases, self.grays, self.cfg, self.augment = cases, grays, cfg, augment
+    def __init__(self, cases: Sequence[Case], grays: Sequence[np.ndarray], spec: dict[str, Any],
+                 coarse_spec: dict[str, Any], cfg: TrainConfig, augment: bool) -> None:
+        self.cases, self.grays, self.augment = cases, grays, augment
+        self.spec, self.coarse_spec, self.jitter = spec, coarse_spec, cfg.refine_jitter
         self.k = len(cases[0].xy)
         self.photo = _Photometric()
         self.rng = np.random.default_rng(cfg.seed)
@@ -122,22 +132,21 @@ class PatchSet(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         c, k = divmod(i, self.k)
         case, gray = self.cases[c], self.grays[c]
-        ph, pw = self.cfg.refine_size
-        img_box = Box.whole_image(*gray.shape, aspect=self.cfg.coarse_size[1] / self.cfg.coarse_size[0])
-        sh = img_box.sh * self.cfg.refine_fraction
+        ph, pw = self.spec["size"]
+        sh = image_box(gray.shape, self.coarse_spec).sh * self.spec["box_fraction"]
         centre = case.xy[k].astype(np.float64)
         scale = 1.0
         if self.augment:
-            centre = centre + self.rng.normal(0, self.cfg.refine_jitter * sh, 2)
+            centre = centre + self.rng.normal(0, self.jitter * sh, 2)
             scale = math.exp(self.rng.uniform(-0.1, 0.1))
         patch = Box(float(centre[0]), float(centre[1]), sh * scale * pw / ph, sh * scale)
-        plane = warp(gray, patch, (pw, ph), antialias=True)[None] / 255.0
+        plane = warp(gray, patch, (pw, ph), antialias=self.spec.get("antialias", False))[None] / 255.0
         kp = torch.tensor(patch.to_grid(case.xy[k:k + 1], (pw, ph)), dtype=torch.float32)
         if self.augment:
             img, kp = v2.RandomRotation(10)(tv_tensors.Image(plane),
                                             tv_tensors.KeyPoints(kp, canvas_size=(ph, pw)))
             plane = self.photo(torch.as_tensor(img))
-        return _normalise(torch.as_tensor(plane)), torch.as_tensor(kp)[0], k
+        return _normalise(torch.as_tensor(plane), self.spec), torch.as_tensor(kp)[0], k
 
 
 def _targets(net: LandmarkNet, kp_in: torch.Tensor, in_wh: tuple[int, int], sigma: float
@@ -150,11 +159,14 @@ def _targets(net: LandmarkNet, kp_in: torch.Tensor, in_wh: tuple[int, int], sigm
 
 def run_stage(name: str, net: LandmarkNet, data: torch.utils.data.Dataset, in_wh: tuple[int, int],
               cfg: TrainConfig, epochs: int, batch_size: int, work: Path, validate: Callable[[], dict[str, float]],
-              log: Callable[[dict[str, Any]], None]) -> None:
-    """Train one net with AdamW + cosine schedule; resumes from ``work/<name>.ckpt``."""
+              log: Callable[[dict[str, Any]], None], softmax: bool = True) -> None:
+    """Train one net with AdamW + cosine schedule; resumes from ``work/<name>.ckpt``.
+
+    Softmax nets learn by spatial cross-entropy, raw-heatmap nets (Sapiens) by MSE as in mmpose.
+    """
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True,
-                                         drop_last=True, num_workers=0)
+                                         drop_last=len(data) >= 2 * batch_size, num_workers=0)
     total = epochs * len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda it: min(1.0, (it + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(it, total) / total)))
@@ -176,7 +188,7 @@ def run_stage(name: str, net: LandmarkNet, data: torch.utils.data.Dataset, in_wh
             if len(batch) == 3:  # patches: supervise only the patch's own landmark
                 idx = batch[2]
                 out, target = out[torch.arange(len(idx)), idx][:, None], target[:, None]
-            loss = softmax_ce(out, target)
+            loss = softmax_ce(out, target) if softmax else F.mse_loss(out, target)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -240,12 +252,12 @@ def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Seque
     k = len(landmarks)
     specs = net_specs(cfg)
     card = {**(card or {}), **specs, "landmarks": [{"name": n, "description": d} for n, d in landmarks]}
-    if init is not None:
-        card["coarse"], card["refine"] = init.card["coarse"], init.card.get("refine")
-        coarse, refine = init.coarse, init.refine
-    else:
-        coarse = LandmarkNet({**specs["coarse"]["net"], "num_keypoints": k})
-        refine = LandmarkNet({**specs["refine"]["net"], "num_keypoints": k})
+    coarse = LandmarkNet({**specs["coarse"]["net"], "num_keypoints": k})
+    refine = LandmarkNet({**specs["refine"]["net"], "num_keypoints": k})
+    if init is not None:  # fine-tune: keep the init model's nets and framing
+        card["coarse"], coarse = init.card["coarse"], init.coarse
+        if init.refine is not None:
+            card["refine"], refine = init.card["refine"], init.refine
     grays = [load_gray(c) for c in train_cases]
     val_images = [read_image(c.image, spacing=c.spacing) for c in val_cases]
 
@@ -263,15 +275,18 @@ def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Seque
         with open(log_path, "a") as f:
             f.write(line + "\n")
 
-    h, w = cfg.coarse_size
-    run_stage("coarse", coarse, CoarseSet(train_cases, grays, cfg.coarse_size, True), (w, h), cfg,
-              cfg.coarse_epochs, cfg.batch_size, work, validate(False), log)
-    ph, pw = cfg.refine_size
+    cs, rs = card["coarse"]["input"], card["refine"]["input"]
+    run_stage("coarse", coarse, CoarseSet(train_cases, grays, cs, True), tuple(cs["size"][::-1]), cfg,
+              cfg.coarse_epochs, cfg.batch_size, work, validate(False), log,
+              softmax=cs.get("activation") == "softmax")
     if cfg.refine_epochs > 0:
-        run_stage("refine", refine, PatchSet(train_cases, grays, cfg, True), (pw, ph), cfg,
-                  cfg.refine_epochs, cfg.refine_batch_size, work, validate(True), log)
+        run_stage("refine", refine, PatchSet(train_cases, grays, rs, cs, cfg, True), tuple(rs["size"][::-1]),
+                  cfg, cfg.refine_epochs, cfg.refine_batch_size, work, validate(True), log)
     card["training"] = {**card.get("training", {}), "config": {
         k2: (list(v) if isinstance(v, tuple) else v) for k2, v in vars(cfg).items()},
         "train_cases": [c.case_id for c in train_cases], "val_cases": [c.case_id for c in val_cases],
         "wall_time_s": round(time.time() - t_start, 1), "torch": torch.__version__}
-    return save_model(out_dir, card, coarse, refine if cfg.refine_epochs > 0 else None)
+    has_refine = cfg.refine_epochs > 0 or (init is not None and init.refine is not None)
+    if not has_refine:
+        card["refine"] = None
+    return save_model(out_dir, card, coarse, refine if has_refine else None)

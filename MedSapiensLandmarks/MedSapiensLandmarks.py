@@ -1,0 +1,294 @@
+"""MedSapiensLandmarks: detect anatomical landmarks on a radiograph, correct them, export, fine-tune.
+
+The module file stays thin: all computation is in ``MedSapiensLandmarksLib`` (tested outside
+Slicer against slicer-core); this file binds it to the Qt panel.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import ctk
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+
+class MedSapiensLandmarks(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "MedSapiens Landmarks"
+        self.parent.categories = ["Quantification"]
+        self.parent.dependencies = ["Markups"]
+        self.parent.contributors = ["MedSapiensLandmarks developers"]
+        self.parent.helpText = (
+            "Detect anatomical landmarks (cephalometric, hand...) on a radiograph with a MedSapiens "
+            "foundation model. Drag wrong points to correct them, export corrected cases as training "
+            "data and fine-tune the model from them. Red points: low confidence.")
+        self.parent.acknowledgementText = (
+            "Built on Meta's Sapiens, MedSapiens (xmed-lab), mmpose's UDP codec and timm. "
+            "Default model trained on the ISBI 2015 cephalometric challenge data.")
+
+
+@parameterNodeWrapper
+class MedSapiensLandmarksParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    sliceIndex: Annotated[int, WithinRange(0, 100000)] = 0
+    model: str = "default"
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    landmarks: vtkMRMLMarkupsFiducialNode
+    exportFolder: Path = Path.home() / "MedSapiensLandmarks" / "cases"
+    caseId: str = ""
+
+
+class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._timer = qt.QTimer()
+        self._timer.setInterval(200)
+        self._timer.timeout.connect(self._pollFinetune)
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedSapiensLandmarks.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MedSapiensLandmarksLogic()
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.detectButton.connect("clicked(bool)", self.onDetect)
+        self.ui.exportButton.connect("clicked(bool)", self.onExport)
+        self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.modelFileButton.connect("clicked(bool)", self.onChooseModelFile)
+        self.ui.landmarkTable.connect("cellClicked(int,int)", self.onTableClicked)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        self._timer.stop()
+        if self.logic:
+            self.logic.core.cleanup()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.inputVolume = first
+
+    def setParameterNode(self, node) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+        self._parameterNode = node
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+            self._updateGui()
+
+    def _updateGui(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        volume = p.inputVolume if p else None
+        depth = volume.GetImageData().GetDimensions()[2] if volume and volume.GetImageData() else 1
+        self.ui.sliceIndexSpinBox.enabled = depth > 1
+        self.ui.sliceIndexSpinBox.maximum = max(0, depth - 1)
+        self.ui.detectButton.enabled = bool(volume) and self._job is None
+        has_points = bool(p and p.landmarks and volume)
+        self.ui.exportButton.enabled = has_points
+        self.ui.finetuneButton.enabled = bool(p) and self._job is None
+        self.ui.cancelButton.enabled = self._job is not None
+        self._fillTable()
+
+    def _fillTable(self) -> None:
+        from MedSapiensLandmarksLib.mrml import table_rows
+
+        table = self.ui.landmarkTable
+        node = self._parameterNode.landmarks if self._parameterNode else None
+        rows = table_rows(node) if node else []
+        table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            cells = [row["name"], f"{row['confidence']:.2f}", "yes" if row["corrected"] else ""]
+            for c, text in enumerate(cells):
+                item = qt.QTableWidgetItem(text)
+                item.setData(qt.Qt.UserRole, row["index"])
+                if row["confidence"] < 0.5:
+                    item.setForeground(qt.QBrush(qt.QColor("red")))
+                table.setItem(r, c, item)
+
+    def _observeLandmarks(self, node) -> None:
+        self.addObserver(node, node.PointEndInteractionEvent, lambda caller, event: self._updateGui())
+
+    def _device(self):
+        return None if self._parameterNode.device == "auto" else self._parameterNode.device
+
+    def onDetect(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Landmark detection failed.", waitCursor=True):
+            if not self.logic.ensureDependencies():
+                return
+            self.ui.statusLabel.text = "Detecting..."
+            slicer.app.processEvents()
+            depth = p.inputVolume.GetImageData().GetDimensions()[2]
+            node = self.logic.core.detect(p.inputVolume, model=p.model, markups_node=p.landmarks,
+                                          slice_index=p.sliceIndex if depth > 1 else None,
+                                          device=self._device())
+            if p.landmarks is not node:
+                p.landmarks = node
+                self._observeLandmarks(node)
+            self.ui.statusLabel.text = f"{node.GetNumberOfControlPoints()} landmarks; drag to correct."
+            self._updateGui()
+
+    def onChooseModelFile(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(self.parent, "Model card or MedSapiens checkpoint", "",
+                                              "Models (*.json *.pth)")
+        if path:
+            self._parameterNode.model = path
+
+    def onTableClicked(self, row: int, column: int) -> None:
+        node = self._parameterNode.landmarks
+        index = self.ui.landmarkTable.item(row, 0).data(qt.Qt.UserRole)
+        if node is not None and index is not None:
+            slicer.modules.markups.logic().JumpSlicesToNthPointInMarkup(node.GetID(), int(index), True)
+
+    def onExport(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
+            depth = p.inputVolume.GetImageData().GetDimensions()[2]
+            case = self.logic.core.export(p.inputVolume, p.landmarks, p.exportFolder,
+                                          case_id=p.caseId or None,
+                                          slice_index=p.sliceIndex if depth > 1 else None)
+            self.ui.statusLabel.text = f"Exported {case}"
+
+    def onFinetune(self) -> None:
+        from MedSapiensLandmarksLib.logic import FinetuneJob
+
+        p = self._parameterNode
+        out = Path(p.exportFolder).parent / "models" / qt.QDateTime.currentDateTime().toString("yyyyMMdd-hhmmss")
+        python = shutil.which("PythonSlicer") or os.path.join(slicer.app.slicerHome, "bin", "PythonSlicer")
+        with slicer.util.tryWithErrorDisplay("Could not start fine-tuning.", waitCursor=True):
+            self._job = FinetuneJob(p.exportFolder, out, init=p.model, python=python)
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = "Fine-tuning..."
+            self._timer.start()
+            self._updateGui()
+
+    def _pollFinetune(self) -> None:
+        job = self._job
+        if job is None:
+            return
+        if job.running:
+            self.ui.progressBar.value = int(100 * job.progress)
+            return
+        self._timer.stop()
+        result = job.result()
+        self._job = None
+        self.ui.progressBar.value = 100
+        if result["returncode"] != 0:
+            slicer.util.errorDisplay("Fine-tuning failed:\n" + "\n".join(result["log_tail"]))
+        elif result["accepted"] and slicer.util.confirmYesNoDisplay(
+                f"Fine-tuned model: MRE {result['mre_after_mm']:.2f} mm on held-back cases "
+                f"(was {result['mre_before_mm']:.2f} mm). Use it?"):
+            self._parameterNode.model = result["model"]
+        elif not result["accepted"]:
+            slicer.util.infoDisplay("The fine-tuned model was not better on held-back cases; "
+                                    "the current model is kept.")
+        self._updateGui()
+
+    def onCancel(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+            self.ui.statusLabel.text = "Fine-tuning cancelled."
+
+
+class MedSapiensLandmarksLogic(ScriptedLoadableModuleLogic):
+    """Slicer-facing logic; the work is done by `LandmarksLogic` (no Qt)."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._core = None
+
+    def getParameterNode(self):
+        return MedSapiensLandmarksParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def ensureDependencies() -> bool:
+        from MedSapiensLandmarksLib.install import ensure_dependencies
+
+        return ensure_dependencies(ask=not slicer.app.commandOptions().testingEnabled)
+
+    @property
+    def core(self):
+        if self._core is None:
+            from MedSapiensLandmarksLib.logic import LandmarksLogic
+
+            self._core = LandmarksLogic(slicer.mrmlScene)
+        return self._core
+
+
+class MedSapiensLandmarksTest(ScriptedLoadableModuleTest):
+    """Runs in real Slicer: detect -> correct -> re-detect -> export on a synthetic radiograph."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_detect_correct_export()
+
+    def test_detect_correct_export(self):
+        import tempfile
+
+        import numpy as np
+
+        from MedSapiensLandmarksLib.mrml import corrected_flags
+
+        logic = MedSapiensLandmarksLogic()
+        if not logic.ensureDependencies():
+            self.skipTest("dependencies not installed")
+        rng = np.random.default_rng(0)
+        arr = (rng.random((1, 480, 400)) * 50 + 100).astype(np.uint8)
+        volume = slicer.util.addVolumeFromArray(arr, ijkToRAS=np.diag([-0.2, -0.2, 1.0, 1.0]),
+                                                name="synthetic")
+        node = logic.core.detect(volume)
+        self.assertEqual(node.GetNumberOfControlPoints(), 19)
+        moved = np.array(node.GetNthControlPointPosition(2)) + [2.0, 0.0, 0.0]
+        node.SetNthControlPointPosition(2, *moved)
+        node.InvokeEvent(node.PointEndInteractionEvent)
+        self.assertTrue(corrected_flags(node)[2])
+        logic.core.detect(volume, markups_node=node)
+        self.assertTrue(np.allclose(node.GetNthControlPointPosition(2), moved))
+        with tempfile.TemporaryDirectory() as out:
+            case = logic.core.export(volume, node, out)
+            self.assertTrue((case / "landmarks.mrk.json").exists())
+        logging.info("MedSapiensLandmarks test passed")

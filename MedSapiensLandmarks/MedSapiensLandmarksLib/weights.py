@@ -1,0 +1,70 @@
+"""Lazy weight downloads into a per-user cache, checked by SHA256 (local files work offline)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+from .checkpoints import CheckpointError
+
+
+def cache_dir() -> Path:
+    """$MEDSAPIENS_CACHE, else the platform's per-user cache folder."""
+    env = os.environ.get("MEDSAPIENS_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.environ.get("LOCALAPPDATA") or Path.home() / ".cache"
+    return Path(base) / "medsapiens-landmarks"
+
+
+def sha256sum(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch(url: str, sha256: str, name: str | None = None,
+          progress: Callable[[int, int], None] | None = None) -> Path:
+    """Return the cached file for ``url``, downloading it first if needed.
+
+    ``url`` may be a local path (offline sites copy the file by hand). The file is only put
+    into the cache once its SHA256 matches; a mismatch raises and leaves nothing behind.
+    """
+    local = Path(url).expanduser()
+    name = name or url.rstrip("/").rsplit("/", 1)[-1]
+    target = cache_dir() / sha256[:12] / name
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        if local.exists():
+            shutil.copyfile(local, tmp_path)
+        else:
+            try:
+                with urllib.request.urlopen(url, timeout=60) as resp, open(tmp_path, "wb") as out:
+                    total, done = int(resp.headers.get("Content-Length") or 0), 0
+                    while block := resp.read(1 << 20):
+                        out.write(block)
+                        done += len(block)
+                        if progress:
+                            progress(done, total)
+            except OSError as err:
+                raise CheckpointError(f"{url}: download failed ({err}); behind a proxy or offline, "
+                                      f"download the file elsewhere and give its local path") from None
+        got = sha256sum(tmp_path)
+        if got != sha256.lower():
+            raise CheckpointError(f"{url}: SHA256 {got} does not match the expected {sha256}")
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+    return target
