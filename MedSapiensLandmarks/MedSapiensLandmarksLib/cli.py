@@ -186,6 +186,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_image
+
+    res = bench_image(args.image, args.model, args.spacing, args.repeat, args.threads)
+    print(f"model {res['model']}, {res['threads']} threads, torch {res['torch']}, "
+          f"median of {res['repeat']} runs")
+    for stage, seconds in res["stages_s"].items():
+        print(f"  {stage:<20}{seconds * 1000:9.1f} ms")
+    print(f"  {'raw forward (floor)':<20}{res['raw_forward_s'] * 1000:9.1f} ms")
+    print(f"  overhead end-to-end / floor: {res['overhead']:.2f}x; peak RSS {res['peak_rss_mb']:.0f} MB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medsapiens-landmarks",
                                 description="Anatomical landmark detection on radiographs.")
@@ -237,6 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None)
     t.set_defaults(func=cmd_train)
+    b = sub.add_parser("bench", help="time each stage of detection on one image")
+    b.add_argument("image")
+    b.add_argument("--model", default="default")
+    b.add_argument("--spacing", type=float, default=0.1)
+    b.add_argument("--repeat", type=int, default=5)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--json", default=None)
+    b.set_defaults(func=cmd_bench)
     return p
 
 

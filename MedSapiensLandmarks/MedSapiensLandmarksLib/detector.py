@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,6 +41,7 @@ class Detector:
         self.refine = refine.to(self.device).eval() if refine is not None else None
         self.names = [lm["name"] for lm in card["landmarks"]]
         self.descriptions = [lm.get("description", lm["name"]) for lm in card["landmarks"]]
+        self.timings: dict[str, float] = {}
 
     @classmethod
     def load(cls, model: str | Path = "default", device: str | None = None,
@@ -79,14 +81,20 @@ class Detector:
 
     @torch.inference_mode()
     def detect_batch(self, images: Sequence[Radiograph]) -> list[Landmarks]:
+        """Detect on several images; `timings` then holds seconds per stage of this call."""
+        clock = _Clock()
         spec = self.card["coarse"]["input"]
         h_in, w_in = spec["size"]
         grays = [self._gray(im) for im in images]
         boxes = [Box.whole_image(*g.shape, aspect=w_in / h_in, padding=spec.get("padding", 1.0))
                  for g in grays]
         planes = [warp(g, b, (w_in, h_in), spec.get("antialias", False)) for g, b in zip(grays, boxes)]
-        hm, conf = self._heatmaps(self.coarse, self._to_tensor(planes, spec), spec)
+        x = self._to_tensor(planes, spec)
+        clock.lap("preprocess")
+        hm, conf = self._heatmaps(self.coarse, x, spec)
+        clock.lap("forward")
         uv, _ = decode_heatmaps(hm)
+        clock.lap("decode")
         hm_wh = (hm.shape[-1], hm.shape[-2])
         results = []
         for i, (image, gray, box) in enumerate(zip(images, grays, boxes)):
@@ -97,6 +105,8 @@ class Detector:
             results.append(Landmarks(list(self.names), list(self.descriptions), xy,
                                      image.to_lps(xy), c.astype(np.float64),
                                      {"model": self.card.get("name", ""), "image": image.path}))
+        clock.lap("refine")
+        self.timings = clock.laps
         return results
 
     def _refine(self, gray: np.ndarray, box: Box, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -113,6 +123,17 @@ class Detector:
         hm_wh = (hm.shape[-1], hm.shape[-2])
         out = np.stack([p.from_grid(uv[i, 0].cpu().numpy(), hm_wh) for i, p in enumerate(patches)])
         return out, conf_k.cpu().numpy()
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self._t
+        self._t = now
 
 
 def set_threads(threads: int | None) -> None:

@@ -53,5 +53,5 @@ def render_overlay(image: Radiograph, lm: Landmarks, max_side: int = 2000,
 def write_overlay(path: str | Path, image: Radiograph, lm: Landmarks,
                   truth: np.ndarray | None = None) -> Path:
     with atomic_write(path) as tmp:
-        render_overlay(image, lm, truth=truth).save(tmp, format="PNG")
+        render_overlay(image, lm, truth=truth).save(tmp, format="PNG", compress_level=1)
     return Path(path)

@@ -1,0 +1,79 @@
+"""Timing of the detection pipeline, stage by stage, against the raw network forward (floor)."""
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .detector import Detector
+from .imageio import read_image
+from .markups import write_markups
+from .overlay import write_overlay
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _median_time(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def raw_forward_seconds(det: Detector, repeat: int) -> float:
+    """The floor: the nets alone on inputs of the model's size (coarse + one refine batch)."""
+    spec = det.card["coarse"]["input"]
+    x = torch.zeros(1, spec.get("channels", 1), *spec["size"], device=det.device)
+    ref = None
+    if det.refine is not None:
+        rs = det.card["refine"]["input"]
+        ref = torch.zeros(len(det.names), rs.get("channels", 1), *rs["size"], device=det.device)
+
+    def run() -> None:
+        det.coarse(x)
+        if ref is not None:
+            det.refine(ref)
+    run()
+    return _median_time(run, repeat)
+
+
+def bench_image(image_path: str | Path, model: str = "default", spacing: float | None = 0.1,
+                repeat: int = 5, threads: int | None = None) -> dict[str, Any]:
+    """Median seconds of each stage of ``detect`` on one image, end to end to .mrk.json + PNG."""
+    det = Detector.load(model, device="cpu", threads=threads)
+    image = read_image(image_path, spacing=spacing)
+    det.detect(image)  # warm-up
+    stages: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as out:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            image = read_image(image_path, spacing=spacing)
+            t1 = time.perf_counter()
+            lm = det.detect(image)
+            t2 = time.perf_counter()
+            write_markups(Path(out) / "a.mrk.json", lm)
+            t3 = time.perf_counter()
+            write_overlay(Path(out) / "a.png", image, lm)
+            t4 = time.perf_counter()
+            laps = {"read": t1 - t0, **det.timings, "write_mrk": t3 - t2, "write_png": t4 - t3,
+                    "end_to_end_mrk": t3 - t0, "end_to_end_mrk_png": t4 - t0}
+            for k, v in laps.items():
+                stages.setdefault(k, []).append(v)
+    med = {k: statistics.median(v) for k, v in stages.items()}
+    floor = raw_forward_seconds(det, repeat)
+    return {"model": det.card.get("name", model), "image": str(image_path), "repeat": repeat,
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "stages_s": med,
+            "raw_forward_s": floor, "overhead": med["end_to_end_mrk"] / floor,
+            "peak_rss_mb": peak_rss_mb()}

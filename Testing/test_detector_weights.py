@@ -1,0 +1,76 @@
+import hashlib
+
+import numpy as np
+import pytest
+
+from MedSapiensLandmarksLib.checkpoints import CheckpointError
+from MedSapiensLandmarksLib.detector import Detector
+from MedSapiensLandmarksLib.imageio import read_image
+from MedSapiensLandmarksLib.weights import fetch
+
+
+@pytest.fixture(scope="module")
+def det():
+    return Detector.load("default", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images(ceph_dir):
+    return [read_image(ceph_dir / "images" / f"{i}.jpg", spacing=0.1) for i in ("151", "301")]
+
+
+def test_batch_equals_single_and_runs_repeat_exactly(det, images):
+    batch = det.detect_batch(images)
+    for one, image in zip(batch, images):
+        single = det.detect(image)
+        assert np.abs(single.xy - one.xy).max() < 1e-3
+        assert np.array_equal(det.detect(image).xy, single.xy)  # deterministic
+
+
+def test_spacing_scales_physical_positions_only(det, images):
+    a = det.detect(images[0])
+    b = det.detect(images[0].with_spacing(0.2))
+    assert np.array_equal(a.xy, b.xy)
+    assert np.allclose(b.lps[:, :2], 2 * a.lps[:, :2])
+
+
+def test_flip_test_agrees_with_plain_inference(det, images):
+    plain = det.detect(images[0])
+    det.card["coarse"]["input"]["flip_test"] = True
+    try:
+        flipped = det.detect(images[0])
+    finally:
+        det.card["coarse"]["input"]["flip_test"] = False
+    d = np.linalg.norm(plain.xy - flipped.xy, axis=1) * 0.1
+    assert np.median(d) < 1.0 and not np.array_equal(plain.xy, flipped.xy)
+
+
+def test_fetch_checks_sha256_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDSAPIENS_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "weights.bin"
+    src.write_bytes(b"medsapiens" * 1000)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    got = fetch(str(src), digest)
+    assert got.read_bytes() == src.read_bytes() and str(got).startswith(str(tmp_path / "cache"))
+    src.unlink()
+    assert fetch(str(src), digest) == got  # served from the cache, source no longer needed
+    bad = tmp_path / "other.bin"
+    bad.write_bytes(b"tampered")
+    with pytest.raises(CheckpointError, match="does not match"):
+        fetch(str(bad), "0" * 64)
+    assert not list((tmp_path / "cache").rglob("other.bin")) and not list((tmp_path / "cache").rglob("*.part"))
+    with pytest.raises(CheckpointError, match="download failed.*local path"):
+        fetch("http://127.0.0.1:9/none.safetensors", "0" * 64)
+
+
+def test_bench_reports_every_stage(ceph_dir):
+    from MedSapiensLandmarksLib.bench import bench_image
+
+    res = bench_image(ceph_dir / "images" / "151.jpg", repeat=1)
+    st = res["stages_s"]
+    parts = ["read", "preprocess", "forward", "decode", "refine", "write_mrk"]
+    assert all(st[p] > 0 for p in parts)
+    assert sum(st[p] for p in parts) <= st["end_to_end_mrk"] * 1.001
+    assert st["end_to_end_mrk_png"] > st["end_to_end_mrk"]
+    assert res["raw_forward_s"] > 0 and res["overhead"] == st["end_to_end_mrk"] / res["raw_forward_s"]
+    assert res["peak_rss_mb"] > 50
