@@ -74,3 +74,22 @@ def test_bench_reports_every_stage(ceph_dir):
     assert st["end_to_end_mrk_png"] > st["end_to_end_mrk"]
     assert res["raw_forward_s"] > 0 and res["overhead"] == st["end_to_end_mrk"] / res["raw_forward_s"]
     assert res["peak_rss_mb"] > 50
+
+
+def test_model_url_is_fetched_checked_and_loaded(tmp_path, monkeypatch):
+    import torch
+
+    from MedSapiensLandmarksLib.checkpoints import resolve
+    from official_fixtures import head_state, pretrain_state
+
+    monkeypatch.setenv("MEDSAPIENS_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "medsapiens_full.pth"
+    torch.save({"state_dict": {**{f"backbone.{k}": v for k, v in pretrain_state().items()},
+                               **head_state(19)}}, ckpt)
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    url = ckpt.as_uri()
+    with pytest.raises(CheckpointError, match="needs '#sha256="):
+        resolve(url)
+    det = Detector.load(f"{url}#sha256={digest}", device="cpu")
+    assert len(det.names) == 19 and det.card["coarse"]["net"]["family"] == "sapiens"
+    assert list((tmp_path / "cache").rglob("medsapiens_full.pth"))

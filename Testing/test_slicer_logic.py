@@ -178,3 +178,22 @@ def test_finetune_from_exported_cases(ceph_dir, tmp_path, scene):
     assert (tmp_path / "model" / "model.json").exists() and result["model"].endswith("model.json")
     card = json.loads((tmp_path / "model" / "model.json").read_text())
     assert card["training"]["train_cases"] == ["153", "154"] and card["training"]["val_cases"] == ["155"]
+
+
+def test_finetune_can_be_cancelled(tmp_path):
+    from MedSapiensLandmarksLib.detector import Landmarks
+    from MedSapiensLandmarksLib.export import export_case
+    from MedSapiensLandmarksLib.imageio import Radiograph
+    from MedSapiensLandmarksLib.logic import FinetuneJob
+
+    a = np.array([[0.1, 0, 0], [0, 0.1, 0], [0, 0, 0.0]])
+    for i in range(3):
+        img = Radiograph(np.full((200, 160), 100, np.uint8), a, True, f"c{i}")
+        xy = np.tile([[50.0 + i, 60.0]], (19, 1))
+        lm = Landmarks([f"P{k}" for k in range(19)], ["p"] * 19, xy, img.to_lps(xy), np.ones(19))
+        export_case(tmp_path / "cases", f"c{i}", img, lm, [True] * 19)
+    job = FinetuneJob(tmp_path / "cases", tmp_path / "model", coarse_epochs=50)
+    job.cancel()
+    result = job.wait(timeout=60)
+    assert result["returncode"] != 0 and result["model"] is None and not result["accepted"]
+    assert not (tmp_path / "model" / "model.json").exists()

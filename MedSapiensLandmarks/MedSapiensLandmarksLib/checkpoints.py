@@ -32,8 +32,18 @@ def models_dir() -> Path:
 
 
 def resolve(model: str | Path) -> Path:
-    """Name of a shipped model ("default" included) or a path -> an existing path."""
+    """Shipped model name ("default" included), path, or ``URL#sha256=HEX`` -> an existing path.
+
+    URLs are downloaded once into the per-user cache and checked against the SHA256.
+    """
     name = DEFAULT_MODEL if str(model) == "default" else str(model)
+    if "://" in name:
+        from .weights import fetch
+
+        url, _, digest = name.partition("#sha256=")
+        if len(digest) != 64:
+            raise CheckpointError(f"{url}: a model URL needs '#sha256=<64 hex digits>'")
+        return fetch(url, digest)
     shipped = models_dir() / name
     if shipped.is_dir():
         return shipped / "model.json"

@@ -96,7 +96,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .datasets import read_landmark_csv
     from .detector import Detector
     from .imageio import read_image
-    from .metrics import SDR_RADII_MM, hand_scale, summarize
+    from .metrics import SDR_RADII_MM, hand_scale, radial_errors, summarize
 
     cases = read_landmark_csv(args.csv, args.images, spacing=args.spacing)
     truth = np.stack([c.xy for c in cases])
@@ -121,7 +121,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     seconds = (time.time() - t0) / len(cases)
     preds = np.stack(preds)
     mm = hand_scale(truth) if args.hand else np.array(scales)
-    errors = np.linalg.norm(preds - truth, axis=-1) * mm[:, None]
+    errors = radial_errors(preds, truth, mm)
     radii = (2.0, 4.0, 10.0) if args.hand else SDR_RADII_MM
     overall = summarize(errors, radii)
     per = [summarize(errors[:, k], radii) for k in range(errors.shape[1])]

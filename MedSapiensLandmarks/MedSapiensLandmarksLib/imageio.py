@@ -59,15 +59,6 @@ class Radiograph:
         return Radiograph(self.pixels, a, True, self.path)
 
 
-def from_array(pixels: np.ndarray, spacing: tuple[float, float] = (1.0, 1.0),
-               origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
-               direction: np.ndarray | None = None, path: str = "") -> Radiograph:
-    """Radiograph from an array with axis-aligned (or given 3x3 LPS direction) geometry."""
-    d = np.eye(3) if direction is None else np.asarray(direction, float)
-    a = np.c_[d[:, 0] * spacing[0], d[:, 1] * spacing[1], origin]
-    return Radiograph(np.asarray(pixels), a, True, path)
-
-
 def read_image(path: str | Path, spacing: float | None = None, slice_index: int | None = None,
                axis: int = 2) -> Radiograph:
     """Read a 2D radiograph, or one slice (index along ``axis`` 0/1/2 = i/j/k) of a 3D volume."""

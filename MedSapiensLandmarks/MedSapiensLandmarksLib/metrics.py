@@ -8,7 +8,8 @@ SDR_RADII_MM = (2.0, 2.5, 3.0, 4.0)
 
 def radial_errors(pred: np.ndarray, truth: np.ndarray, mm_per_pixel: np.ndarray | float) -> np.ndarray:
     """(N, K, 2) predictions and truths in pixels -> (N, K) errors in mm (per-image scale)."""
-    scale = np.asarray(mm_per_pixel, dtype=np.float64).reshape(-1, 1) if np.ndim(mm_per_pixel) else mm_per_pixel
+    scale = np.asarray(mm_per_pixel, dtype=np.float64)
+    scale = scale.reshape(-1, 1) if scale.ndim else scale
     return np.linalg.norm(np.asarray(pred, float) - np.asarray(truth, float), axis=-1) * scale
 
 

@@ -24,6 +24,7 @@ from .atomic import atomic_write
 from .codec import Box, encode_heatmaps, to_gray, to_uint8_range, warp
 from .datasets import Case
 from .imageio import read_image
+from .metrics import radial_errors
 from .model import LandmarkNet
 
 GRAY_MEAN, GRAY_STD = [127.5], [64.0]
@@ -215,9 +216,9 @@ def seed_everything(seed: int, data: Any = None) -> None:
 def mean_radial_error(det: Any, cases: Sequence[Case], images: Sequence[Any] | None = None) -> float:
     """MRE in mm (pixel spacing of each image) of a detector on annotated cases."""
     images = images if images is not None else [read_image(c.image, spacing=c.spacing) for c in cases]
-    errs = [np.linalg.norm(lm.xy - c.xy, axis=1) * img.spacing[0]
-            for lm, c, img in zip(det.detect_batch(images), cases, images)]
-    return float(np.mean(errs))
+    pred = np.stack([lm.xy for lm in det.detect_batch(images)])
+    truth = np.stack([c.xy for c in cases])
+    return float(radial_errors(pred, truth, np.array([im.spacing[0] for im in images])).mean())
 
 
 def net_specs(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
