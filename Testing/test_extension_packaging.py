@@ -22,8 +22,7 @@ def test_every_module_file_is_listed_in_the_module_cmakelists():
     scripts = cmake_list(text, "MODULE_PYTHON_SCRIPTS")
     resources = cmake_list(text, "MODULE_PYTHON_RESOURCES")
     on_disk_py = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*.py") if "__pycache__" not in p.parts}
-    on_disk_res = {str(p.relative_to(MODULE)) for p in (MODULE / "Resources").rglob("*")
-                   if p.is_file() and "work" not in p.parts}
+    on_disk_res = {str(p.relative_to(MODULE)) for p in (MODULE / "Resources").rglob("*") if p.is_file()}
     assert on_disk_py == scripts
     assert on_disk_res == resources
     assert "WITH_GENERIC_TESTS" in text and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text

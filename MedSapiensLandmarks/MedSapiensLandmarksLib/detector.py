@@ -92,16 +92,26 @@ class Detector:
         x = self._to_tensor(planes, spec)
         clock.lap("preprocess")
         hm, conf = self._heatmaps(self.coarse, x, spec)
+        mirrored = torch.zeros(len(images), dtype=torch.bool)
+        if spec.get("orientation") == "auto":
+            # Also look at the mirror image (a cephalogram facing the other way) and keep, per
+            # image, the orientation the model is more confident about.
+            hm_m, conf_m = self._heatmaps(self.coarse, x.flip(-1), spec)
+            mirrored = conf_m.mean(1).cpu() > conf.mean(1).cpu()
+            pick = mirrored.to(hm.device)
+            hm = torch.where(pick[:, None, None, None], hm_m, hm)
+            conf = torch.where(pick[:, None], conf_m, conf)
         clock.lap("forward")
         uv, _ = decode_heatmaps(hm)
         clock.lap("decode")
         hm_wh = (hm.shape[-1], hm.shape[-2])
+        uv[mirrored, :, 0] = hm_wh[0] - 1 - uv[mirrored, :, 0]
         results = []
         for i, (image, gray, box) in enumerate(zip(images, grays, boxes)):
             xy = box.from_grid(uv[i].cpu().numpy(), hm_wh)
             c = conf[i].cpu().numpy()
-            if self.refine is not None:
-                xy, c = self._refine(gray, box, xy)
+            for _ in range(self.card["refine"].get("iterations", 1) if self.refine is not None else 0):
+                xy, c = self._refine(gray, box, xy, bool(mirrored[i]))
             results.append(Landmarks(list(self.names), list(self.descriptions), xy,
                                      image.to_lps(xy), c.astype(np.float64),
                                      {"model": self.card.get("name", ""), "image": image.path}))
@@ -109,18 +119,22 @@ class Detector:
         self.timings = clock.laps
         return results
 
-    def _refine(self, gray: np.ndarray, box: Box, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _refine(self, gray: np.ndarray, box: Box, xy: np.ndarray, mirrored: bool = False
+                ) -> tuple[np.ndarray, np.ndarray]:
         """Second look at each landmark in a full-resolution patch around the coarse guess."""
         spec = self.card["refine"]["input"]
         ph, pw = spec["size"]
         frac = spec["box_fraction"]
         patches = [Box(float(x), float(y), box.sh * frac * pw / ph, box.sh * frac) for x, y in xy]
         planes = [warp(gray, p, (pw, ph), spec.get("antialias", False)) for p in patches]
-        hm, conf = self._heatmaps(self.refine, self._to_tensor(planes, spec), spec)
+        x = self._to_tensor(planes, spec)
+        hm, conf = self._heatmaps(self.refine, x.flip(-1) if mirrored else x, spec)
         k = torch.arange(len(patches))
         hm_k, conf_k = hm[k, k][:, None], conf[k, k]
         uv, _ = decode_heatmaps(hm_k)
         hm_wh = (hm.shape[-1], hm.shape[-2])
+        if mirrored:
+            uv[..., 0] = hm_wh[0] - 1 - uv[..., 0]
         out = np.stack([p.from_grid(uv[i, 0].cpu().numpy(), hm_wh) for i, p in enumerate(patches)])
         return out, conf_k.cpu().numpy()
 
