@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 from typing import Annotated
 
-import ctk
 import qt
 import slicer
 import vtk

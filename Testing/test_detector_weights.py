@@ -93,3 +93,15 @@ def test_model_url_is_fetched_checked_and_loaded(tmp_path, monkeypatch):
     det = Detector.load(f"{url}#sha256={digest}", device="cpu")
     assert len(det.names) == 19 and det.card["coarse"]["net"]["family"] == "sapiens"
     assert list((tmp_path / "cache").rglob("medsapiens_full.pth"))
+
+
+def test_left_facing_cephalogram_is_detected_like_the_right_facing_one(det, images):
+    from MedSapiensLandmarksLib.imageio import Radiograph
+
+    image = images[0]
+    mirror = Radiograph(np.ascontiguousarray(image.pixels[:, ::-1]), image.pixel_to_lps, True)
+    a, b = det.detect(image), det.detect(mirror)
+    back = b.xy.copy()
+    back[:, 0] = image.shape[1] - 1 - back[:, 0]
+    assert np.abs(back - a.xy).max() * 0.1 < 0.1  # mm
+    assert np.allclose(a.confidence, b.confidence, atol=0.02)

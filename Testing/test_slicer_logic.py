@@ -5,7 +5,6 @@ import jsonschema
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import slicer
 
 from conftest import SCHEMA
 from MedSapiensLandmarksLib.datasets import read_landmark_csv
