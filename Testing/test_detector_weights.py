@@ -105,3 +105,21 @@ def test_left_facing_cephalogram_is_detected_like_the_right_facing_one(det, imag
     back[:, 0] = image.shape[1] - 1 - back[:, 0]
     assert np.abs(back - a.xy).max() * 0.1 < 0.1  # mm
     assert np.allclose(a.confidence, b.confidence, atol=0.02)
+
+
+def test_landmarks_agree_across_thread_counts(det, images):
+    # Measured: bit-identical on 151.jpg, 2.7e-5 px apart on 301.jpg (float summation order).
+    import torch
+
+    from MedSapiensLandmarksLib.detector import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        one = det.detect(images[1])
+        set_threads(2)
+        two = det.detect(images[1])
+    finally:
+        torch.set_num_threads(before)
+    assert np.abs(one.xy - two.xy).max() < 1e-3  # px, i.e. 1e-4 mm
+    assert np.abs(one.confidence - two.confidence).max() < 1e-4

@@ -99,6 +99,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .metrics import SDR_RADII_MM, hand_scale, radial_errors, summarize
 
     cases = read_landmark_csv(args.csv, args.images, spacing=args.spacing)
+    if args.split:
+        cases = [c for c in cases if c.split == args.split]
+    if not cases:
+        raise UsageError(f"{args.csv}: no cases" + (f" in split {args.split!r}" if args.split else ""))
     truth = np.stack([c.xy for c in cases])
     if args.second_csv:
         other = {c.case_id: c.xy for c in read_landmark_csv(args.second_csv, args.images)}
@@ -230,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--second-csv", default=None, help="second annotator; truth = mean of both")
     e.add_argument("--spacing", type=float, default=0.1, help="mm per pixel (ISBI: 0.1)")
     e.add_argument("--hand", action="store_true", help="hand protocol: 50 mm wrist width, SDR 2/4/10")
+    e.add_argument("--split", default=None, help="keep rows of this split (hand CSV: valid)")
     e.add_argument("--limit", type=int, default=0, help="first N images only")
     e.add_argument("--json", default=None, help="write all numbers to this JSON file")
     model_opts(e)
