@@ -123,3 +123,16 @@ def test_landmarks_agree_across_thread_counts(det, images):
         torch.set_num_threads(before)
     assert np.abs(one.xy - two.xy).max() < 1e-3  # px, i.e. 1e-4 mm
     assert np.abs(one.confidence - two.confidence).max() < 1e-4
+
+
+def test_shipped_hand_model_finds_hand_landmarks(ceph_dir):
+    from MedSapiensLandmarksLib.datasets import read_landmark_csv
+    from MedSapiensLandmarksLib.metrics import hand_scale
+
+    hands = [c for c in read_landmark_csv(ceph_dir.parent / "dha-hand" / "landmarks.csv") if c.split == "valid"]
+    hand = Detector.load("hand-default", device="cpu")
+    assert len(hand.names) == 37
+    case = hands[0]
+    lm = hand.detect(read_image(case.image))
+    err_mm = np.linalg.norm(lm.xy - case.xy, axis=1) * hand_scale(case.xy[None])[0]
+    assert np.median(err_mm) < 2.0 and (err_mm < 4.0).mean() > 0.9, err_mm.round(2)
