@@ -107,8 +107,15 @@ def export_case(root: str | Path, case_id: str, image: Radiograph, lm: Landmarks
     index.update(landmarks=names, cases=sorted(entries, key=lambda c: c["id"]),
                  descriptions=list(lm.descriptions))
     write_text(root / "dataset.json", json.dumps(index, indent=2) + "\n")
-    write_derived(root)
+    write_derived(root, index)
     return final
+
+
+def _records(root: Path, index: dict[str, Any]):
+    """Each case of the index with its image (read once) and its landmarks in pixels."""
+    for entry in index["cases"]:
+        image = read_image(root / entry["image"])
+        yield entry, image, image.to_pixels(read_markups(root / entry["markups"])["lps"])
 
 
 def read_cases(root: str | Path) -> tuple[list[Case], list[tuple[str, str]]]:
@@ -117,23 +124,18 @@ def read_cases(root: str | Path) -> tuple[list[Case], list[tuple[str, str]]]:
     if not (root / "dataset.json").exists():
         raise ExportError(f"{root}: no dataset.json (not an export folder)")
     index = _read_index(root)
-    cases = []
-    for entry in index["cases"]:
-        image = read_image(root / entry["image"])
-        mk = read_markups(root / entry["markups"])
-        cases.append(Case(root / entry["image"], image.to_pixels(mk["lps"]), None, "export", entry["id"]))
+    cases = [Case(root / entry["image"], xy, None, "export", entry["id"])
+             for entry, _image, xy in _records(root, index)]
     descs = index.get("descriptions", index["landmarks"])
     return cases, list(zip(index["landmarks"], descs))
 
 
-def write_derived(root: Path) -> None:
+def write_derived(root: Path, index: dict[str, Any]) -> None:
     """COCO-keypoints JSON and ISBI-style CSV for all cases of the index."""
-    cases, names = read_cases(root)
-    index = _read_index(root)
+    names = index["landmarks"]
     images, annotations, rows = [], [], []
-    for n, (case, entry) in enumerate(zip(cases, index["cases"]), start=1):
-        h, w = read_image(case.image).shape
-        xy = case.xy
+    for n, (entry, image, xy) in enumerate(_records(root, index), start=1):
+        h, w = image.shape
         images.append({"id": n, "file_name": entry["image"], "width": w, "height": h})
         x0, y0 = xy.min(0)
         x1, y1 = xy.max(0)
@@ -146,7 +148,7 @@ def write_derived(root: Path) -> None:
     coco = {"info": {"description": "MedSapiensLandmarks export"}, "images": images,
             "annotations": annotations,
             "categories": [{"id": 1, "name": "anatomy", "supercategory": "anatomy",
-                            "keypoints": [n for n, _ in names], "skeleton": []}]}
+                            "keypoints": list(names), "skeleton": []}]}
     write_text(root / "coco_keypoints.json", json.dumps(coco, indent=1) + "\n")
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")

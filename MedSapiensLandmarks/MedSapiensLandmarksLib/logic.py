@@ -16,7 +16,7 @@ import numpy as np
 
 from .detector import Detector, Landmarks
 from .export import export_case
-from .mrml import (ATTR_CONFIDENCE, LPS_TO_RAS, corrected_flags, landmarks_to_node,
+from .mrml import (ATTR_CONFIDENCE, ATTR_MODEL, LPS_TO_RAS, corrected_flags, landmarks_to_node,
                    observe_corrections, positions_ras, volume_to_radiograph)
 
 
@@ -55,7 +55,7 @@ class LandmarksLogic:
         names = [markups_node.GetNthControlPointLabel(i) for i in range(n)]
         descs = [markups_node.GetNthControlPointDescription(i).split(" (confidence")[0] for i in range(n)]
         lm = Landmarks(names, descs, image.to_pixels(lps), lps, np.asarray(conf, float),
-                       {"model": markups_node.GetAttribute("MedSapiens.Model") or "", "image": image.path})
+                       {"model": markups_node.GetAttribute(ATTR_MODEL) or "", "image": image.path})
         return image, lm
 
     def export(self, volume_node: Any, markups_node: Any, out_dir: str | Path,

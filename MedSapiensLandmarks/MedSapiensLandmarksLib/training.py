@@ -253,12 +253,14 @@ def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Seque
     k = len(landmarks)
     specs = net_specs(cfg)
     card = {**(card or {}), **specs, "landmarks": [{"name": n, "description": d} for n, d in landmarks]}
-    coarse = LandmarkNet({**specs["coarse"]["net"], "num_keypoints": k})
-    refine = LandmarkNet({**specs["refine"]["net"], "num_keypoints": k})
     if init is not None:  # fine-tune: keep the init model's nets and framing
         card["coarse"], coarse = init.card["coarse"], init.coarse
-        if init.refine is not None:
-            card["refine"], refine = init.card["refine"], init.refine
+    else:
+        coarse = LandmarkNet({**specs["coarse"]["net"], "num_keypoints": k})
+    if init is not None and init.refine is not None:
+        card["refine"], refine = init.card["refine"], init.refine
+    else:
+        refine = LandmarkNet({**specs["refine"]["net"], "num_keypoints": k})
     grays = [load_gray(c) for c in train_cases]
     val_images = [read_image(c.image, spacing=c.spacing) for c in val_cases]
 
