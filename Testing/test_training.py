@@ -42,7 +42,7 @@ def cases(tmp_path_factory):
 def test_fit_saves_a_model_that_loads_and_detects(tmp_path, cases):
     card = training.fit(cases[:6], cases[6:], NAMES, tmp_path / "m", training.TrainConfig(**CFG))
     det = load_model(card)
-    assert det.names == ["P1", "P2"] and det.refine is not None
+    assert det.names == ["P1", "P2"] and det.local_stages == ["refine"]
     meta = json.loads(card.read_text())
     assert meta["training"]["train_cases"] == ["000", "001", "002", "003", "004", "005"]
     log = [json.loads(x) for x in (tmp_path / "m" / "work" / "log.jsonl").read_text().splitlines()]
@@ -50,6 +50,22 @@ def test_fit_saves_a_model_that_loads_and_detects(tmp_path, cases):
     assert all(np.isfinite(r["loss"]) and r["val_mre_mm"] > 0 for r in log)
     lm = det.detect(read_image(cases[6].image, spacing=0.5))
     assert lm.xy.shape == (2, 2) and np.all((lm.confidence >= 0) & (lm.confidence <= 1))
+
+
+def test_context_stage_added_to_a_trained_model_runs_before_refine(tmp_path, cases):
+    base = load_model(training.fit(cases[:6], [], NAMES, tmp_path / "base", training.TrainConfig(**CFG)))
+    cfg = training.TrainConfig(**{**CFG, "coarse_epochs": 0, "refine_epochs": 0, "context_epochs": 1,
+                                  "context_size": (32, 32), "context_fraction": 0.4})
+    det = load_model(training.fit(cases[:6], cases[6:], NAMES, tmp_path / "ctx", cfg, init=base))
+    assert det.local_stages == ["context", "refine"]
+    assert det.card["context"]["input"]["box_fraction"] == 0.4
+    for stage in ("coarse", "refine"):  # the init model's stages are carried over unchanged
+        for key, value in base.nets[stage].state_dict().items():
+            assert torch.equal(det.nets[stage].state_dict()[key], value), key
+    log = [json.loads(x) for x in (tmp_path / "ctx" / "work" / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log] == ["context"]
+    lm = det.detect(read_image(cases[6].image, spacing=0.5))
+    assert lm.xy.shape == (2, 2) and np.isfinite(lm.xy).all()
 
 
 def test_loss_decreases_when_training_longer(tmp_path, cases):

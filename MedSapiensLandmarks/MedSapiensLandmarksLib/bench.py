@@ -32,18 +32,16 @@ def _median_time(fn, repeat: int) -> float:
 
 @torch.inference_mode()
 def raw_forward_seconds(det: Detector, repeat: int) -> float:
-    """The floor: the nets alone on inputs of the model's size (coarse + one refine batch)."""
-    spec = det.card["coarse"]["input"]
-    x = torch.zeros(1, spec.get("channels", 1), *spec["size"], device=det.device)
-    ref = None
-    if det.refine is not None:
-        rs = det.card["refine"]["input"]
-        ref = torch.zeros(len(det.names), rs.get("channels", 1), *rs["size"], device=det.device)
+    """The floor: the nets alone on inputs of the model's size (coarse + one batch per local stage)."""
+    inputs = {}
+    for stage, net in det.nets.items():
+        spec = det.card[stage]["input"]
+        inputs[stage] = torch.zeros(1 if stage == "coarse" else len(det.names), spec.get("channels", 1),
+                                    *spec["size"], device=det.device)
 
     def run() -> None:
-        det.coarse(x)
-        if ref is not None:
-            det.refine(ref)
+        for stage, net in det.nets.items():
+            net(inputs[stage])
     run()
     return _median_time(run, repeat)
 

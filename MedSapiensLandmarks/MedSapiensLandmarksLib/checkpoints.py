@@ -79,19 +79,24 @@ def read_card(path: Path) -> dict[str, Any]:
     return card
 
 
-def build_nets(card: dict[str, Any]) -> tuple[LandmarkNet, LandmarkNet | None]:
+STAGES = ("coarse", "context", "refine")
+
+
+def build_nets(card: dict[str, Any]) -> dict[str, LandmarkNet]:
+    """Untrained nets for every stage the card describes (``coarse`` is required)."""
     k = len(card["landmarks"])
-    nets = []
-    for stage in ("coarse", "refine"):
+    if not card.get("coarse"):
+        raise CheckpointError("model card: no 'coarse' stage")
+    nets = {}
+    for stage in STAGES:
         spec = card.get(stage)
-        if spec is None:
-            nets.append(None)
+        if not spec:
             continue
         if spec["net"].get("num_keypoints", k) != k:
             raise CheckpointError(f"model card: {stage} net has {spec['net']['num_keypoints']} "
                                   f"outputs but the card names {k} landmarks")
-        nets.append(LandmarkNet({**spec["net"], "num_keypoints": k}))
-    return nets[0], nets[1]
+        nets[stage] = LandmarkNet({**spec["net"], "num_keypoints": k})
+    return nets
 
 
 def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -123,19 +128,15 @@ def load_card_model(card_path: Path, device: str | None = None):
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from None
-    coarse, refine = build_nets(card)
-    holder = torch.nn.ModuleDict({"coarse": coarse, **({"refine": refine} if refine else {})})
-    load_state(holder, state, str(weights))
-    return Detector(card, coarse, refine, device=device)
+    nets = build_nets(card)
+    load_state(torch.nn.ModuleDict(nets), state, str(weights))
+    return Detector(card, nets, device=device)
 
 
-def save_model(out_dir: Path, card: dict[str, Any], coarse: torch.nn.Module,
-               refine: torch.nn.Module | None = None) -> Path:
-    """Write model.safetensors + model.json atomically into ``out_dir``."""
+def save_model(out_dir: Path, card: dict[str, Any], nets: dict[str, torch.nn.Module]) -> Path:
+    """Write model.safetensors (keys ``<stage>.<param>``) + model.json atomically into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {f"coarse.{k}": v for k, v in coarse.state_dict().items()}
-    if refine is not None:
-        state.update({f"refine.{k}": v for k, v in refine.state_dict().items()})
+    state = torch.nn.ModuleDict(nets).state_dict()
     # float16 storage halves the file; loading copies back into the float32 parameters
     state = {k: (v.half() if v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in state.items()}

@@ -30,15 +30,20 @@ class Landmarks:
         return len(self.names)
 
 
-class Detector:
-    """A landmark model (coarse whole-image net, optional local refinement net) + its card."""
+LOCAL_STAGES = ("context", "refine")  # optional patch stages, run in this order after coarse
 
-    def __init__(self, card: dict[str, Any], coarse: LandmarkNet,
-                 refine: LandmarkNet | None = None, device: str | None = None) -> None:
+
+class Detector:
+    """A landmark model + its card: a whole-image ``coarse`` net, then optional local patch nets
+    (``context``: a wide patch around each coarse guess, ``refine``: a small full-resolution one).
+    """
+
+    def __init__(self, card: dict[str, Any], nets: dict[str, LandmarkNet],
+                 device: str | None = None) -> None:
         self.card = card
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.coarse = coarse.to(self.device).eval()
-        self.refine = refine.to(self.device).eval() if refine is not None else None
+        self.nets = {name: net.to(self.device).eval() for name, net in nets.items() if net is not None}
+        self.coarse = self.nets["coarse"]
         self.names = [lm["name"] for lm in card["landmarks"]]
         self.descriptions = [lm.get("description", lm["name"]) for lm in card["landmarks"]]
         self.timings: dict[str, float] = {}
@@ -110,8 +115,9 @@ class Detector:
         for i, (image, gray, box) in enumerate(zip(images, grays, boxes)):
             xy = box.from_grid(uv[i].cpu().numpy(), hm_wh)
             c = conf[i].cpu().numpy()
-            for _ in range(self.card["refine"].get("iterations", 1) if self.refine is not None else 0):
-                xy, c = self._refine(gray, box, xy, bool(mirrored[i]))
+            for stage in self.local_stages:
+                for _ in range(self.card[stage].get("iterations", 1)):
+                    xy, c = self._refine(stage, gray, box, xy, bool(mirrored[i]))
             results.append(Landmarks(list(self.names), list(self.descriptions), xy,
                                      image.to_lps(xy), c.astype(np.float64),
                                      {"model": self.card.get("name", ""), "image": image.path}))
@@ -119,16 +125,20 @@ class Detector:
         self.timings = clock.laps
         return results
 
-    def _refine(self, gray: np.ndarray, box: Box, xy: np.ndarray, mirrored: bool = False
+    @property
+    def local_stages(self) -> list[str]:
+        return [s for s in LOCAL_STAGES if s in self.nets]
+
+    def _refine(self, stage: str, gray: np.ndarray, box: Box, xy: np.ndarray, mirrored: bool = False
                 ) -> tuple[np.ndarray, np.ndarray]:
-        """Second look at each landmark in a full-resolution patch around the coarse guess."""
-        spec = self.card["refine"]["input"]
+        """Another look at each landmark in a patch (native resolution) around its current guess."""
+        spec = self.card[stage]["input"]
         ph, pw = spec["size"]
         frac = spec["box_fraction"]
         patches = [Box(float(x), float(y), box.sh * frac * pw / ph, box.sh * frac) for x, y in xy]
         planes = [warp(gray, p, (pw, ph), spec.get("antialias", False)) for p in patches]
         x = self._to_tensor(planes, spec)
-        hm, conf = self._heatmaps(self.refine, x.flip(-1) if mirrored else x, spec)
+        hm, conf = self._heatmaps(self.nets[stage], x.flip(-1) if mirrored else x, spec)
         k = torch.arange(len(patches))
         hm_k, conf_k = hm[k, k][:, None], conf[k, k]
         uv, _ = decode_heatmaps(hm_k)

@@ -187,4 +187,4 @@ def load_official(path: str | Path, pretrain: str | Path | None = None, dataset:
                                               "activation": "none", "flip_test": False}},
         "refine": None, "landmarks": [{"name": n, "description": d} for n, d in names],
     }
-    return Detector(card, net, None, device=device)
+    return Detector(card, {"coarse": net}, device=device)

@@ -35,15 +35,18 @@ class TrainConfig:
     coarse_size: tuple[int, int] = (320, 256)  # H, W
     refine_size: tuple[int, int] = (64, 64)
     refine_fraction: float = 0.06  # patch height as a fraction of the image box height
+    context_size: tuple[int, int] = (64, 64)
+    context_fraction: float = 0.14  # the optional wide-patch stage between coarse and refine
     encoder: str = "resnet18"
     coarse_epochs: int = 40
+    context_epochs: int = 0
     refine_epochs: int = 25
     batch_size: int = 4
     refine_batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 1e-4
     sigma: float = 1.5  # heatmap pixels
-    refine_jitter: float = 0.25  # std of the patch-centre jitter, in patch heights
+    refine_jitter: float = 0.25  # std of the patch-centre jitter, in patch heights (local stages)
     seed: int = 0
     threads: int = 2
 
@@ -222,12 +225,14 @@ def mean_radial_error(det: Any, cases: Sequence[Case], images: Sequence[Any] | N
 
 
 def net_specs(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
-    """Model-card entries (architecture + input framing) for both stages."""
+    """Model-card entries (architecture + input framing) of every stage."""
     common = {"channels": 1, "mean": GRAY_MEAN, "std": GRAY_STD, "antialias": True,
               "activation": "softmax"}
     net = {"family": "unet", "encoder": cfg.encoder, "in_chans": 1, "out_stride": 2}
     return {
         "coarse": {"net": dict(net), "input": {**common, "size": list(cfg.coarse_size), "padding": 1.0}},
+        "context": {"net": dict(net), "input": {**common, "size": list(cfg.context_size),
+                                                "box_fraction": cfg.context_fraction}},
         "refine": {"net": dict(net), "input": {**common, "size": list(cfg.refine_size),
                                                "box_fraction": cfg.refine_fraction}},
     }
@@ -236,12 +241,12 @@ def net_specs(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
 def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Sequence[tuple[str, str]],
         out_dir: Path, cfg: TrainConfig, card: dict[str, Any] | None = None,
         init: Any = None, log_path: Path | None = None) -> Path:
-    """Train coarse then refine nets (resumable in ``out_dir/work``), save the model to ``out_dir``.
+    """Train the stages in order (resumable in ``out_dir/work``), save the model to ``out_dir``.
 
-    ``init`` is a `Detector` to fine-tune from (same landmarks); otherwise training starts from
-    scratch.
+    ``init`` is a `Detector` to fine-tune from (same landmarks): its stages keep their nets and
+    framing; a stage it lacks is trained from scratch when its epoch count is > 0.
     """
-    from .checkpoints import save_model
+    from .checkpoints import STAGES, save_model
     from .detector import Detector
 
     torch.set_num_threads(cfg.threads)
@@ -250,25 +255,30 @@ def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Seque
     work = out_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     log_path = log_path or work / "log.jsonl"
-    k = len(landmarks)
+    epochs = {"coarse": cfg.coarse_epochs, "context": cfg.context_epochs, "refine": cfg.refine_epochs}
     specs = net_specs(cfg)
-    card = {**(card or {}), **specs, "landmarks": [{"name": n, "description": d} for n, d in landmarks]}
-    if init is not None:  # fine-tune: keep the init model's nets and framing
-        card["coarse"], coarse = init.card["coarse"], init.coarse
-    else:
-        coarse = LandmarkNet({**specs["coarse"]["net"], "num_keypoints": k})
-    if init is not None and init.refine is not None:
-        card["refine"], refine = init.card["refine"], init.refine
-    else:
-        refine = LandmarkNet({**specs["refine"]["net"], "num_keypoints": k})
+    card = {**(card or {}), "landmarks": [{"name": n, "description": d} for n, d in landmarks]}
+    nets: dict[str, LandmarkNet] = {}
+    for stage in STAGES:
+        card.pop(stage, None)
+        if init is not None and stage in init.nets:
+            card[stage], nets[stage] = init.card[stage], init.nets[stage]
+        elif stage == "coarse" or epochs[stage] > 0:
+            card[stage] = specs[stage]
+            nets[stage] = LandmarkNet({**specs[stage]["net"], "num_keypoints": len(landmarks)})
     grays = [load_gray(c) for c in train_cases]
     val_images = [read_image(c.image, spacing=c.spacing) for c in val_cases]
 
-    def validate(use_refine: bool) -> Callable[[], dict[str, float]]:
+    def validate(upto: str) -> Callable[[], dict[str, float]]:
+        """Validation MRE of the model as far as ``upto`` (later stages that are new are skipped)."""
+        later_new = STAGES[STAGES.index(upto) + 1:]
+        use = {s: n for s, n in nets.items()
+               if not (s in later_new and (init is None or s not in init.nets))}
+
         def run() -> dict[str, float]:
             if not val_cases:
                 return {}
-            det = Detector(card, coarse, refine if use_refine else None, device="cpu")
+            det = Detector(card, use, device="cpu")
             return {"val_mre_mm": mean_radial_error(det, val_cases, val_images)}
         return run
 
@@ -278,18 +288,19 @@ def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Seque
         with open(log_path, "a") as f:
             f.write(line + "\n")
 
-    cs, rs = card["coarse"]["input"], card["refine"]["input"]
-    run_stage("coarse", coarse, CoarseSet(train_cases, grays, cs, True), tuple(cs["size"][::-1]), cfg,
-              cfg.coarse_epochs, cfg.batch_size, work, validate(False), log,
-              softmax=cs.get("activation") == "softmax")
-    if cfg.refine_epochs > 0:
-        run_stage("refine", refine, PatchSet(train_cases, grays, rs, cs, cfg, True), tuple(rs["size"][::-1]),
-                  cfg, cfg.refine_epochs, cfg.refine_batch_size, work, validate(True), log)
+    cs = card["coarse"]["input"]
+    for stage, net in nets.items():
+        if epochs[stage] <= 0:
+            continue
+        spec = card[stage]["input"]
+        if stage == "coarse":
+            data, batch = CoarseSet(train_cases, grays, cs, True), cfg.batch_size
+        else:
+            data, batch = PatchSet(train_cases, grays, spec, cs, cfg, True), cfg.refine_batch_size
+        run_stage(stage, net, data, tuple(spec["size"][::-1]), cfg, epochs[stage], batch, work,
+                  validate(stage), log, softmax=spec.get("activation") == "softmax")
     card["training"] = {**card.get("training", {}), "config": {
         k2: (list(v) if isinstance(v, tuple) else v) for k2, v in vars(cfg).items()},
         "train_cases": [c.case_id for c in train_cases], "val_cases": [c.case_id for c in val_cases],
         "wall_time_s": round(time.time() - t_start, 1), "torch": torch.__version__}
-    has_refine = cfg.refine_epochs > 0 or (init is not None and init.refine is not None)
-    if not has_refine:
-        card["refine"] = None
-    return save_model(out_dir, card, coarse, refine if has_refine else None)
+    return save_model(out_dir, card, nets)
