@@ -95,7 +95,10 @@ def build_nets(card: dict[str, Any]) -> dict[str, LandmarkNet]:
         if spec["net"].get("num_keypoints", k) != k:
             raise CheckpointError(f"model card: {stage} net has {spec['net']['num_keypoints']} "
                                   f"outputs but the card names {k} landmarks")
-        nets[stage] = LandmarkNet({**spec["net"], "num_keypoints": k})
+        try:
+            nets[stage] = LandmarkNet({**spec["net"], "num_keypoints": k})
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"model card: cannot build the {stage} net {spec['net']} ({err})") from None
     return nets
 
 
@@ -128,6 +131,12 @@ def load_card_model(card_path: Path, device: str | None = None):
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from None
+    k = len(card["landmarks"])
+    for stage in STAGES:
+        bias = state.get(f"{stage}.head.bias", state.get(f"{stage}.head.final_layer.bias"))
+        if bias is not None and bias.shape[0] != k:
+            raise CheckpointError(f"{weights}: the {stage} weights predict {bias.shape[0]} landmarks "
+                                  f"but the model card names {k}")
     nets = build_nets(card)
     load_state(torch.nn.ModuleDict(nets), state, str(weights))
     return Detector(card, nets, device=device)

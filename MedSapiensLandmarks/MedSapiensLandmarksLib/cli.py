@@ -50,11 +50,24 @@ def parse_formats(text: str) -> list[str]:
     return fmts
 
 
+def prepare_output(out: Path) -> None:
+    """Create the output folder, or say in one line why it cannot be used."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: output path exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as err:
+        raise UsageError(f"{out}: output folder cannot be written ({err.strerror or err})") from None
+
+
 def cmd_detect(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .batch import pending, stream_images
     from .detector import Detector
-    from .imageio import read_image
     from .markups import write_csv, write_fcsv, write_markups
     from .overlay import write_overlay
 
@@ -63,17 +76,32 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if not files:
         raise UsageError("no input images (folders are searched for image files by extension)")
     out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: output path exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output(out)
+    stems: dict[str, Path] = {}
+    for f in files:  # two inputs of one name (a.png, a.tif): the second would overwrite the first
+        stems.setdefault(case_stem(f), f)
+    clashes = [f for f in files if stems[case_stem(f)] != f]
+    for f in clashes:
+        print(f"error: {f}: same output name as {stems[case_stem(f)]}; skipped (rename it)", file=sys.stderr)
+    files = [f for f in files if stems[case_stem(f)] == f]
+    todo = pending(files, case_stem, out, fmts) if args.skip_existing else files
+    if len(todo) < len(files) and not args.quiet:
+        print(f"skipping {len(files) - len(todo)} image(s) whose outputs exist", file=sys.stderr)
+    if not todo:
+        return 2 if clashes else 0
     det = Detector.load(args.model, device=args.device, threads=args.threads)
     if args.flip:
         det.card["coarse"]["input"]["flip_test"] = True
-    failures = 0
-    bar = tqdm(files, unit="image", disable=len(files) < 2 or args.quiet, file=sys.stderr)
-    for path in bar:
+    workers = args.workers if args.workers is not None else (1 if len(todo) > 1 else 0)
+    failures = len(clashes)
+    bar = tqdm(total=len(todo), unit="image", disable=len(todo) < 2 or args.quiet, file=sys.stderr)
+    for item in stream_images(todo, workers, spacing=args.spacing, slice_index=args.slice,
+                              axis=args.axis):
+        bar.update()
+        path, image = item.path, item.image
         try:
-            image = read_image(path, spacing=args.spacing, slice_index=args.slice, axis=args.axis)
+            if image is None:
+                raise ImageError(item.error)
             lm = det.detect(image)
             stem = out / case_stem(path)
             writers = {"mrk.json": lambda: write_markups(f"{stem}.mrk.json", lm, name=case_stem(path)),
@@ -89,6 +117,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         except (ImageError, OSError) as err:
             failures += 1
             bar.write(f"error: {err}", file=sys.stderr)
+    bar.close()
     return 2 if failures else 0
 
 
@@ -224,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--spacing", type=float, default=None, help="mm per pixel (overrides the file)")
     d.add_argument("--slice", type=int, default=None, help="slice index of a 3D volume")
     d.add_argument("--axis", type=int, default=2, help="slice axis of a 3D volume (0=i, 1=j, 2=k)")
+    d.add_argument("--skip-existing", action="store_true",
+                   help="skip images whose outputs all exist (resume an interrupted batch)")
+    d.add_argument("--workers", type=int, default=None,
+                   help="image-reading worker processes (default: 1 for several images, else 0)")
     d.add_argument("-q", "--quiet", action="store_true")
     model_opts(d)
     d.set_defaults(func=cmd_detect)
@@ -269,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # file names with undecodable bytes still print
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -6,8 +6,12 @@ direction or slice.
 """
 from __future__ import annotations
 
+import os
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -15,6 +19,10 @@ import SimpleITK as sitk
 # Formats whose files carry no physical spacing (SimpleITK reports 1.0).
 PLAIN_FORMATS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 MAX_PIXELS = 100_000_000
+# File signatures -> ITK reader, for files whose extension does not match their content.
+MAGIC = [(b"\xff\xd8\xff", "JPEGImageIO"), (b"\x89PNG\r\n\x1a\n", "PNGImageIO"),
+         (b"II*\x00", "TIFFImageIO"), (b"MM\x00*", "TIFFImageIO"), (b"BM", "BMPImageIO")]
+PIXEL_SPACING, IMAGER_PIXEL_SPACING, MAGNIFICATION = "0028|0030", "0018|1164", "0018|1114"
 
 
 class ImageError(ValueError):
@@ -69,22 +77,21 @@ def read_image(path: str | Path, spacing: float | None = None, slice_index: int 
         raise ImageError(f"{path}: is a directory, not an image")
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: empty file (0 bytes)")
-    try:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        size = reader.GetSize()
-        if size[0] * size[1] > MAX_PIXELS:
-            raise ImageError(f"{path}: image of {'x'.join(map(str, size))} pixels is larger than "
-                             f"the supported {MAX_PIXELS:,} pixels per slice")
-        img = reader.Execute()
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown error"
-        raise ImageError(f"{path}: not a readable image ({first[:200]})") from None
-    plain = path.suffix.lower() in PLAIN_FORMATS
+    head, tail = _ends(path)
+    io = next((name for magic, name in MAGIC if head.startswith(magic)), None)
+    if io == "JPEGImageIO" and b"\xff\xd9" not in tail:
+        raise ImageError(f"{path}: truncated JPEG (no end-of-image marker)")
+    with _itk_name(path) as name:
+        reader, img = _read(path, name, io)
     arr = sitk.GetArrayFromImage(img)  # (H, W[, C]) or (D, H, W[, C])
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise ImageError(f"{path}: {int((~np.isfinite(arr)).sum())} pixels are NaN or infinite")
     dim = img.GetDimension()
     sp, org = np.array(img.GetSpacing(), float), np.array(img.GetOrigin(), float)
+    spacing_known = io is None and path.suffix.lower() not in PLAIN_FORMATS
+    dicom = reader.HasMetaDataKey("0008|0016") or reader.HasMetaDataKey("0002|0010")  # SOP class, syntax
+    if dicom and not reader.HasMetaDataKey(PIXEL_SPACING):
+        sp[:2], spacing_known = _imager_spacing(reader, sp[:2])
     dirm = np.array(img.GetDirection(), float).reshape(dim, dim)
     if dim == 2:
         a = np.zeros((3, 3))
@@ -97,8 +104,61 @@ def read_image(path: str | Path, spacing: float | None = None, slice_index: int 
         raise ImageError(f"{path}: {arr.shape[2]}-component pixels are not supported")
     if min(arr.shape[:2]) < 8:
         raise ImageError(f"{path}: image of {arr.shape[1]}x{arr.shape[0]} pixels is too small")
-    rad = Radiograph(arr, a, not plain, str(path))
+    rad = Radiograph(arr, a, spacing_known, str(path))
     return rad.with_spacing(spacing) if spacing is not None else rad
+
+
+def _read(path: Path, name: str, io: str | None) -> tuple[sitk.ImageFileReader, sitk.Image]:
+    """Header first (size check before any pixel is decoded), then the pixels."""
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        if io is not None:
+            reader.SetImageIO(io)  # by content: a JPEG named .tif still reads
+        reader.ReadImageInformation()
+        size = reader.GetSize()
+        if size[0] * size[1] > MAX_PIXELS:
+            raise ImageError(f"{path}: image of {'x'.join(map(str, size))} pixels is larger than "
+                             f"the supported {MAX_PIXELS:,} pixels per slice")
+        return reader, reader.Execute()
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown error"
+        raise ImageError(f"{path}: not a readable image ({first[:200]})") from None
+
+
+@contextmanager
+def _itk_name(path: Path) -> Iterator[str]:
+    """``path`` as ITK can open it: file names with undecodable bytes (which make ITK abort
+    the process) are reached through a temporary UTF-8 symlink."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        with tempfile.TemporaryDirectory(prefix="medsapiens-") as folder:
+            link = os.path.join(folder, "image" + "".join(path.suffixes[-2:]).encode("ascii", "ignore").decode())
+            os.symlink(os.fsencode(path.resolve()), link)
+            yield link
+        return
+    yield str(path)
+
+
+def _ends(path: Path, n: int = 1024) -> tuple[bytes, bytes]:
+    with open(path, "rb") as f:
+        head = f.read(16)
+        f.seek(max(0, path.stat().st_size - n))
+        return head, f.read()
+
+
+def _imager_spacing(reader: sitk.ImageFileReader, default: np.ndarray) -> tuple[np.ndarray, bool]:
+    """DICOM without Pixel Spacing: Imager Pixel Spacing (detector plane, row\\column order)
+    divided by the Estimated Radiographic Magnification Factor when given; else unknown."""
+    if not reader.HasMetaDataKey(IMAGER_PIXEL_SPACING):
+        return default, False
+    try:
+        row, col = (float(v) for v in reader.GetMetaData(IMAGER_PIXEL_SPACING).split("\\")[:2])
+        mag = float(reader.GetMetaData(MAGNIFICATION)) if reader.HasMetaDataKey(MAGNIFICATION) else 1.0
+    except ValueError:
+        return default, False
+    return np.array([col, row]) / mag, True
 
 
 def slice_volume(name: str, arr: np.ndarray, cols: np.ndarray, org: np.ndarray,

@@ -1,0 +1,85 @@
+"""Streaming batch detection: images are read by DataLoader workers while the model runs.
+
+Memory stays bounded (at most ``workers * prefetch`` decoded images wait in the queue) and a
+bad file only costs its own result: the worker hands back the error instead of raising.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from .imageio import ImageError, Radiograph, read_image
+
+
+@dataclass
+class Item:
+    path: Path
+    image: Radiograph | None = None
+    error: str | None = None
+
+
+class ImageStream(torch.utils.data.Dataset):
+    """Reads one image per index; returns an `Item` carrying the image or the error message."""
+
+    def __init__(self, paths: Sequence[Path], **read_kwargs: Any) -> None:
+        self.paths, self.read_kwargs = list(paths), read_kwargs
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Item:
+        path = self.paths[i]
+        try:
+            return Item(path, image=read_image(path, **self.read_kwargs))
+        except (ImageError, OSError, MemoryError) as err:
+            return Item(path, error=str(err))
+
+
+def _single(items: list[Item]) -> Item:
+    return items[0]
+
+
+def _loader(paths: Sequence[Path], workers: int, prefetch: int, read_kwargs: dict[str, Any]
+            ) -> Iterator[Item]:
+    return iter(torch.utils.data.DataLoader(
+        ImageStream(paths, **read_kwargs), batch_size=1, collate_fn=_single, num_workers=workers,
+        prefetch_factor=prefetch if workers > 0 else None))
+
+
+def stream_images(paths: Sequence[Path], workers: int = 1, prefetch: int = 2,
+                  **read_kwargs: Any) -> Iterator[Item]:
+    """Yield an `Item` per path, in order; ``workers`` > 0 reads in background processes.
+
+    If a worker dies (a decoder crashing on a hostile file), the next pending file is re-read
+    alone in a fresh worker: a second crash blames that file, otherwise the stream goes on.
+    """
+    paths, start = list(paths), 0
+    while start < len(paths):
+        try:
+            for item in _loader(paths[start:], workers, prefetch, read_kwargs):
+                start += 1
+                yield item
+        except RuntimeError as err:
+            if workers == 0 or "exited unexpectedly" not in str(err):
+                raise
+            try:
+                item = next(_loader(paths[start:start + 1], 1, 1, read_kwargs))
+            except RuntimeError:
+                item = Item(paths[start], error=f"{paths[start]}: the image reader crashed on this file")
+            start += 1
+            yield item
+
+
+def outputs_for(out_dir: Path, stem: str, formats: Sequence[str]) -> list[Path]:
+    """The files ``detect`` writes for one case."""
+    names = {"mrk.json": ".mrk.json", "fcsv": ".fcsv", "csv": ".csv", "png": ".overlay.png"}
+    return [out_dir / f"{stem}{names[f]}" for f in formats]
+
+
+def pending(paths: Sequence[Path], stem: Callable[[Path], str], out_dir: Path,
+            formats: Sequence[str]) -> list[Path]:
+    """Inputs whose outputs are not all on disk yet (resuming an interrupted batch)."""
+    return [p for p in paths if not all(f.exists() for f in outputs_for(out_dir, stem(p), formats))]
