@@ -1,4 +1,5 @@
 """The command line on real cephalograms with the shipped default model."""
+import csv
 import json
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
+from MedSapiensLandmarksLib.analysis import MEASUREMENTS, measure
 from MedSapiensLandmarksLib.cli import main
 from MedSapiensLandmarksLib.datasets import read_landmark_csv
 from MedSapiensLandmarksLib.markups import read_markups
@@ -22,7 +24,7 @@ def truth_151(ceph_dir):
 
 def test_detect_writes_markups_and_overlay_near_the_annotation(tmp_path, ceph_dir, truth_151):
     rc = main(["detect", str(ceph_dir / "images" / "151.jpg"), "--spacing", "0.1", "-o", str(tmp_path),
-               "--format", "mrk.json,fcsv,csv,png"])
+               "--format", "mrk.json,fcsv,csv,png,analysis"])
     assert rc == 0
     doc = read_markups(tmp_path / "151.mrk.json")
     assert doc["labels"][:3] == ["S", "N", "Or"] and len(doc["labels"]) == 19
@@ -37,6 +39,11 @@ def test_detect_writes_markups_and_overlay_near_the_annotation(tmp_path, ceph_di
     with Image.open(tmp_path / "151.overlay.png") as pic:
         assert pic.mode == "RGB" and pic.size[1] == 2000 and abs(pic.size[0] - 1612) <= 1
     assert (tmp_path / "151.fcsv").exists() and len((tmp_path / "151.csv").read_text().splitlines()) == 20
+    rows = list(csv.DictReader(open(tmp_path / "151.analysis.csv")))
+    assert [r["measurement"] for r in rows] == list(MEASUREMENTS)
+    truth = measure(truth_151, 0.1)  # the same measurements on the annotation
+    got = {r["measurement"]: float(r["value"]) for r in rows}
+    assert abs(got["SNA"] - truth["SNA"]) < 2.0 and abs(got["FHI"] - truth["FHI"]) < 0.03
 
 
 def test_batch_with_bad_files_keeps_going(tmp_path, ceph_dir, capsys):
@@ -72,7 +79,8 @@ def test_wrong_checkpoint_and_bad_format_exit_2(tmp_path, ceph_dir, capsys):
 def test_evaluate_prints_mre_and_sdr(tmp_path, ceph_dir, truth_151):
     out = tmp_path / "e.json"
     proc = subprocess.run([sys.executable, "-m", "MedSapiensLandmarksLib.cli", "evaluate",
-                           str(ceph_dir / "test1_senior.csv"), "--limit", "2", "--json", str(out)],
+                           str(ceph_dir / "test1_senior.csv"), "--limit", "2", "--json", str(out),
+                           "--report", str(tmp_path / "report")],
                           capture_output=True, text=True, cwd=ROOT / "MedSapiensLandmarks", timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "ALL" in proc.stdout and "<2mm" in proc.stdout
@@ -82,3 +90,15 @@ def test_evaluate_prints_mre_and_sdr(tmp_path, ceph_dir, truth_151):
     assert res["overall"]["mre_mm"] == pytest.approx(errors.mean(), abs=1e-4)  # errors stored to 1e-4
     assert res["overall"]["sdr_2mm"] == pytest.approx((errors < 2).mean() * 100)
     assert res["overall"]["mre_mm"] < 3.0
+    assert set(res["classification"]) >= {"ANB", "SNB", "SNA", "ODI", "APDI", "FHI", "FMA", "MW"}
+    assert "Spearman(conf, error)" in proc.stdout and "classification agreement" in proc.stdout
+    report = (tmp_path / "report" / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| ")]
+    assert sum(r.split(" | ")[0][2:] in ("S", "N", "Ar", "**all**") for r in rows) == 4
+    worst = sorted(p.name for p in (tmp_path / "report").glob("worst-*.png"))
+    assert len(worst) == 2 and all(f"]({name})" in report for name in worst)
+    first = errors.mean(1).argmax()  # worst case first, named by its case id
+    assert worst[0] == f"worst-1-{res['cases'][first]}.png"
+    for name in ("error_histogram.png", "landmark_boxplot.png"):
+        with Image.open(tmp_path / "report" / name) as pic:
+            assert pic.size[0] > 300 and f"({name})" in report

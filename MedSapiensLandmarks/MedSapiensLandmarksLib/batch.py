@@ -75,7 +75,8 @@ def stream_images(paths: Sequence[Path], workers: int = 1, prefetch: int = 2,
 
 def outputs_for(out_dir: Path, stem: str, formats: Sequence[str]) -> list[Path]:
     """The files ``detect`` writes for one case."""
-    names = {"mrk.json": ".mrk.json", "fcsv": ".fcsv", "csv": ".csv", "png": ".overlay.png"}
+    names = {"mrk.json": ".mrk.json", "fcsv": ".fcsv", "csv": ".csv", "png": ".overlay.png",
+             "analysis": ".analysis.csv"}
     return [out_dir / f"{stem}{names[f]}" for f in formats]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -14,7 +13,7 @@ from .checkpoints import CheckpointError
 from .imageio import ImageError, PLAIN_FORMATS
 
 IMAGE_SUFFIXES = PLAIN_FORMATS | {".dcm", ".nrrd", ".nhdr", ".nii", ".gz", ".mha", ".mhd"}
-FORMATS = ("mrk.json", "fcsv", "csv", "png")
+FORMATS = ("mrk.json", "fcsv", "csv", "png", "analysis")
 
 
 class UsageError(ValueError):
@@ -68,6 +67,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     from .batch import pending, stream_images
     from .detector import Detector
+    from .analysis import CEPH_NAMES, write_analysis
     from .markups import write_csv, write_fcsv, write_markups
     from .overlay import write_overlay
 
@@ -92,6 +92,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     det = Detector.load(args.model, device=args.device, threads=args.threads)
     if args.flip:
         det.card["coarse"]["input"]["flip_test"] = True
+    if "analysis" in fmts and tuple(det.names) != CEPH_NAMES:
+        raise UsageError("the analysis output needs a model of the 19 ISBI cephalometric landmarks")
     workers = args.workers if args.workers is not None else (1 if len(todo) > 1 else 0)
     failures = len(clashes)
     bar = tqdm(total=len(todo), unit="image", disable=len(todo) < 2 or args.quiet, file=sys.stderr)
@@ -107,7 +109,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
             writers = {"mrk.json": lambda: write_markups(f"{stem}.mrk.json", lm, name=case_stem(path)),
                        "fcsv": lambda: write_fcsv(f"{stem}.fcsv", lm),
                        "csv": lambda: write_csv(f"{stem}.csv", lm),
-                       "png": lambda: write_overlay(f"{stem}.overlay.png", image, lm)}
+                       "png": lambda: write_overlay(f"{stem}.overlay.png", image, lm),
+                       "analysis": lambda: write_analysis(f"{stem}.analysis.csv", lm, image.spacing)}
             written = [writers[f]() for f in fmts]
             if not image.spacing_known and args.spacing is None and not args.quiet:
                 bar.write(f"warning: {path}: the file has no pixel spacing; positions use 1 mm/pixel "
@@ -124,8 +127,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .datasets import read_landmark_csv
     from .detector import Detector
-    from .imageio import read_image
-    from .metrics import SDR_RADII_MM, hand_scale, radial_errors, summarize
+    from .evaluation import evaluate
 
     cases = read_landmark_csv(args.csv, args.images, spacing=args.spacing)
     if args.split:
@@ -143,34 +145,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         det.card["coarse"]["input"]["flip_test"] = True
     if truth.shape[1] != len(det.names):
         raise UsageError(f"{args.csv} has {truth.shape[1]} landmarks, the model {len(det.names)}")
-    preds, scales, confs = [], [], []
-    t0 = time.time()
-    for case in cases:
-        image = read_image(case.image, spacing=case.spacing)
-        lm = det.detect(image)
-        preds.append(lm.xy)
-        confs.append(lm.confidence)
-        scales.append(image.spacing[0])
-    seconds = (time.time() - t0) / len(cases)
-    preds = np.stack(preds)
-    mm = hand_scale(truth) if args.hand else np.array(scales)
-    errors = radial_errors(preds, truth, mm)
-    radii = (2.0, 4.0, 10.0) if args.hand else SDR_RADII_MM
-    overall = summarize(errors, radii)
-    per = [summarize(errors[:, k], radii) for k in range(errors.shape[1])]
-    print(f"{len(cases)} images, {errors.shape[1]} landmarks, model {det.card.get('name', args.model)}, "
-          f"{seconds:.2f} s/image")
-    head = f"{'landmark':<10}{'MRE mm':>8}{'SD':>7}" + "".join(f"{'<' + format(r, 'g') + 'mm':>8}" for r in radii)
-    print(head)
-    for name, s in [*zip(det.names, per), ("ALL", overall)]:
+    ev = evaluate(det, cases, truth, hand=args.hand)
+    print(f"{len(cases)} images, {len(det.names)} landmarks, model {det.card.get('name', args.model)}, "
+          f"{ev.seconds_per_image:.2f} s/image")
+    print(f"{'landmark':<10}{'MRE mm':>8}{'SD':>7}" + "".join(f"{'<' + format(r, 'g') + 'mm':>8}" for r in ev.radii))
+    for name, s in [*ev.per_landmark.items(), ("ALL", ev.overall)]:
         print(f"{name:<10}{s['mre_mm']:>8.3f}{s['sd_mm']:>7.2f}"
-              + "".join(f"{s[f'sdr_{r:g}mm']:>8.1f}" for r in radii))
+              + "".join(f"{s[f'sdr_{r:g}mm']:>8.1f}" for r in ev.radii))
+    rk = ev.ranking
+    print(f"confidence: Spearman(conf, error) {rk['spearman']:.3f}; MRE of the 10% least confident "
+          f"{rk['mre_least_confident_mm']:.3f} mm vs {rk['mre_rest_mm']:.3f} mm for the rest")
+    if ev.classes:
+        print("classification agreement (%): " + ", ".join(
+            f"{k} {v['accuracy_pct']:.1f}" for k, v in ev.classes.items() if isinstance(v, dict))
+            + f"; average {ev.classes['average_accuracy_pct']:.1f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "csv": str(args.csv), "images": len(cases), "overall": overall,
-            "per_landmark": dict(zip(det.names, per)), "seconds_per_image": seconds,
-            "errors_mm": errors.round(4).tolist(), "confidence": np.stack(confs).round(4).tolist()},
-            indent=1))
+        Path(args.json).write_text(json.dumps({"csv": str(args.csv), **ev.to_json()}, indent=1))
+    if args.report:
+        from .report import write_report
+
+        print(f"report: {write_report(ev, args.report, str(args.csv))}")
     return 0
 
 
@@ -270,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default=None, help="keep rows of this split (hand CSV: valid)")
     e.add_argument("--limit", type=int, default=0, help="first N images only")
     e.add_argument("--json", default=None, help="write all numbers to this JSON file")
+    e.add_argument("--report", default=None, metavar="DIR",
+                   help="write a markdown report with figures and the worst cases into DIR")
     model_opts(e)
     e.set_defaults(func=cmd_evaluate)
 

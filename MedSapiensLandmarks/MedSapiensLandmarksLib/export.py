@@ -10,7 +10,8 @@ Folder layout (what ``train --cases DIR`` reads)::
 
 A case folder is written under a temporary name and renamed into place, so a case is either
 complete or absent; an existing case is never overwritten silently (``overwrite=True`` keeps
-the old one as ``<id>.previous-<n>``).
+the old one as ``<id>.previous-<n>``).  The case folders are the truth: `recover` rebuilds the
+index from them after an interrupted export (a killed process, a power cut).
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ from .markups import read_markups, write_markups, write_text
 
 INDEX_FORMAT = "medsapiens-landmarks-cases/1"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_PREVIOUS = re.compile(r"^(.+)\.previous-(\d+)$")
+CASE_FILES = ("image.nrrd", "landmarks.mrk.json")
+_CONFIDENCE = re.compile(r" \(confidence [0-9.]+\)$")
 
 
 class ExportError(ValueError):
@@ -66,6 +70,47 @@ def _read_index(root: Path) -> dict[str, Any]:
     return index
 
 
+def _entry(case_id: str, corrected: Sequence[bool], model: str) -> dict[str, Any]:
+    return {"id": case_id, "image": f"cases/{case_id}/image.nrrd",
+            "markups": f"cases/{case_id}/landmarks.mrk.json",
+            "corrected": int(sum(bool(c) for c in corrected)), "model": model}
+
+
+def recover(root: Path, index: dict[str, Any]) -> bool:
+    """Repair what an interrupted export can leave; True when the index had to change.
+
+    A case renamed to ``.previous-<n>`` whose replacement never arrived is put back; temporary
+    folders are removed; complete case folders missing from the index are added to it.
+    """
+    cases_dir = root / "cases"
+    if not cases_dir.is_dir():
+        return False
+    for tmp in [*cases_dir.glob(".*"), *root.glob(".*.tmp")]:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
+    latest: dict[str, tuple[int, Path]] = {}
+    for d in cases_dir.iterdir():
+        m = _PREVIOUS.match(d.name)
+        if m and int(m.group(2)) > latest.get(m.group(1), (0, d))[0]:
+            latest[m.group(1)] = (int(m.group(2)), d)
+    for case_id, (_, prev) in latest.items():
+        if not (cases_dir / case_id).exists():
+            os.replace(prev, cases_dir / case_id)
+    known = {e["id"]: e for e in index["cases"] if (root / e["markups"]).exists()}
+    changed = len(known) != len(index["cases"])
+    for d in sorted(cases_dir.iterdir()):
+        if d.name in known or _PREVIOUS.match(d.name) or not all((d / f).exists() for f in CASE_FILES):
+            continue
+        doc = read_markups(d / "landmarks.mrk.json")
+        extra = doc["extra"]
+        if not index["landmarks"]:  # killed before the first index was written
+            index["landmarks"] = doc["labels"]
+            index["descriptions"] = [_CONFIDENCE.sub("", t) for t in doc["descriptions"]]
+        known[d.name] = _entry(d.name, extra.get("corrected", []), extra.get("model", ""))
+        changed = True
+    index["cases"] = sorted(known.values(), key=lambda c: c["id"])
+    return changed
+
+
 def export_case(root: str | Path, case_id: str, image: Radiograph, lm: Landmarks,
                 corrected: Sequence[bool], overwrite: bool = False) -> Path:
     """Write one training case and refresh the index, COCO and CSV files. Returns the case folder."""
@@ -75,6 +120,7 @@ def export_case(root: str | Path, case_id: str, image: Radiograph, lm: Landmarks
     if len(corrected) != len(lm):
         raise ExportError(f"{len(corrected)} corrected flags for {len(lm)} landmarks")
     index = _read_index(root)
+    recover(root, index)
     names = list(lm.names)
     if index["landmarks"] and index["landmarks"] != names:
         raise ExportError(f"{root}: holds cases with landmarks {index['landmarks'][:3]}..., "
@@ -101,9 +147,7 @@ def export_case(root: str | Path, case_id: str, image: Radiograph, lm: Landmarks
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     entries = [c for c in index["cases"] if c["id"] != case_id]
-    entries.append({"id": case_id, "image": f"cases/{case_id}/image.nrrd",
-                    "markups": f"cases/{case_id}/landmarks.mrk.json",
-                    "corrected": int(sum(bool(c) for c in corrected)), "model": lm.meta.get("model", "")})
+    entries.append(_entry(case_id, corrected, lm.meta.get("model", "")))
     index.update(landmarks=names, cases=sorted(entries, key=lambda c: c["id"]),
                  descriptions=list(lm.descriptions))
     write_text(root / "dataset.json", json.dumps(index, indent=2) + "\n")
@@ -124,6 +168,9 @@ def read_cases(root: str | Path) -> tuple[list[Case], list[tuple[str, str]]]:
     if not (root / "dataset.json").exists():
         raise ExportError(f"{root}: no dataset.json (not an export folder)")
     index = _read_index(root)
+    if recover(root, index):
+        write_text(root / "dataset.json", json.dumps(index, indent=2) + "\n")
+        write_derived(root, index)
     cases = [Case(root / entry["image"], xy, None, "export", entry["id"])
              for entry, _image, xy in _records(root, index)]
     descs = index.get("descriptions", index["landmarks"])

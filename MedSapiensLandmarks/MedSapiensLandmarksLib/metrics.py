@@ -24,3 +24,22 @@ def summarize(errors: np.ndarray, radii: tuple[float, ...] = SDR_RADII_MM) -> di
 def hand_scale(truth: np.ndarray, a: int = 1, b: int = 5, width_mm: float = 50.0) -> np.ndarray:
     """mm per pixel for hands: the distance between landmarks a and b (0-based) is 50 mm."""
     return width_mm / np.linalg.norm(truth[:, a] - truth[:, b], axis=-1)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (continuous data: ties are negligible)."""
+    ra = np.argsort(np.argsort(np.ravel(a))).astype(np.float64)
+    rb = np.argsort(np.argsort(np.ravel(b))).astype(np.float64)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def confidence_ranking(confidence: np.ndarray, errors: np.ndarray, fraction: float = 0.1) -> dict[str, float]:
+    """How well confidence ranks errors: Spearman(confidence, error) and the MRE of the
+    ``fraction`` least-confident points against the rest."""
+    c, e = np.ravel(confidence), np.ravel(errors)
+    low = np.argsort(c, kind="stable")[: max(1, round(fraction * len(c)))]
+    rest = np.ones(len(c), bool)
+    rest[low] = False
+    return {"spearman": spearman(c, e), "mre_least_confident_mm": float(e[low].mean()),
+            "mre_rest_mm": float(e[rest].mean()) if rest.any() else float("nan"),
+            "fraction": fraction}

@@ -1,0 +1,81 @@
+"""SIGKILL during export, many times: every case on disk is complete and valid, or absent.
+
+A child process exports cases in a loop (overwriting, so `.previous-N` renames happen too)
+and is killed at a random moment; after each kill the folder is checked, then repaired by
+the next reader, and the exports go on in the same folder.  MEDSAPIENS_KILLS sets the count.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from MedSapiensLandmarksLib.export import read_cases
+from MedSapiensLandmarksLib.imageio import read_image
+from MedSapiensLandmarksLib.markups import read_markups
+
+KILLS = int(os.environ.get("MEDSAPIENS_KILLS", "12"))
+
+CHILD = r"""
+import sys
+import numpy as np
+from MedSapiensLandmarksLib.detector import Landmarks
+from MedSapiensLandmarksLib.export import export_case
+from MedSapiensLandmarksLib.imageio import Radiograph
+
+root, start = sys.argv[1], int(sys.argv[2])
+a = np.array([[0.1, 0, 0], [0, 0.1, 0], [0, 0, 0.0]])
+rng = np.random.default_rng(start)
+image = Radiograph(rng.integers(0, 255, (600, 480), dtype=np.uint8), a, True, "synthetic")
+names = [f"L{k}" for k in range(19)]
+for i in range(start, start + 100000):
+    xy = np.c_[np.arange(19) * 20.0 + 10, np.full(19, 10.0 + i % 500)]   # row encodes i
+    lm = Landmarks(names, names, xy, image.to_lps(xy), np.full(19, 0.9), {"model": f"iter-{i}"})
+    corrected = [(i >> k) & 1 == 1 for k in range(19)]                    # flags encode i
+    export_case(root, f"case{i % 5}", image, lm, corrected, overwrite=True)
+    print(i, flush=True)
+"""
+
+
+def check_case(folder):
+    """A case folder is complete and self-consistent (its flags match the iteration that wrote it)."""
+    doc = read_markups(folder / "landmarks.mrk.json")
+    i = int(doc["extra"]["model"].split("-")[1])
+    assert doc["extra"]["corrected"] == [(i >> k) & 1 == 1 for k in range(19)], folder
+    assert np.allclose(doc["lps"][:, 1], (10.0 + i % 500) * 0.1), folder
+    assert read_image(folder / "image.nrrd").shape == (600, 480), folder
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_export_survives_sigkill_at_random_moments(tmp_path):
+    root = tmp_path / "export"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "MedSapiensLandmarks")}
+    rng, start, checked = random.Random(7), 0, 0
+    for _ in range(KILLS):
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(root), str(start)],
+                                 stdout=subprocess.PIPE, text=True, env=env)
+        first = child.stdout.readline()  # one export done: the loop is running
+        assert first.strip(), "export child did not start"
+        time.sleep(rng.uniform(0.0, 0.6))
+        child.send_signal(signal.SIGKILL)
+        done = [first, *child.stdout.read().split()]
+        child.wait()
+        start = int(done[-1]) + 1 if done[-1].strip() else start + 1
+        for folder in (root / "cases").iterdir():
+            if not folder.name.startswith("."):  # hidden = a temporary folder being written
+                check_case(folder)
+                checked += 1
+        cases, names = read_cases(root)  # the next reader repairs the index
+        index = json.loads((root / "dataset.json").read_text())
+        on_disk = sorted(d.name for d in (root / "cases").iterdir() if "previous" not in d.name)
+        assert [c["id"] for c in index["cases"]] == on_disk and len(cases) == len(on_disk)
+        assert names[0] == ("L0", "L0") and not list((root / "cases").glob(".*"))
+        coco = json.loads((root / "coco_keypoints.json").read_text())
+        assert len(coco["annotations"]) == len(on_disk)
+    assert checked > KILLS  # the folders checked were real
