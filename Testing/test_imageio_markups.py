@@ -65,7 +65,7 @@ def test_jpeg_spacing_override(ceph_dir):
     (None, "missing.png", "file not found"),
     (b"", "empty.png", "empty file"),
     (b"this is not an image\n" * 10, "text.png", "not a readable image"),
-    (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01", "truncated.jpg", "not a readable image"),
+    (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01", "truncated.jpg", "truncated JPEG"),
 ])
 def test_bad_images_give_one_clear_error(tmp_path, content, name, message):
     path = tmp_path / name

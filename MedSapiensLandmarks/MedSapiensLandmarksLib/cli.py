@@ -228,6 +228,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .web import serve
+    except ImportError as err:
+        raise UsageError(f"the web front end needs trame-slicer ({err}); "
+                         "pip install 'medsapiens-landmarks[web]'") from None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.allow_remote:
+        raise UsageError(f"--host {args.host} exposes patient images to the network; "
+                         "add --allow-remote if that is intended")
+    print(f"serving on http://{args.host}:{args.port}/ (exports go to {Path(args.export_dir).resolve()})",
+          flush=True)
+    serve(args.host, args.port, args.export_dir, args.model)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medsapiens-landmarks",
                                 description="Anatomical landmark detection on radiographs.")
@@ -294,6 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--json", default=None)
     b.set_defaults(func=cmd_bench)
+    w = sub.add_parser("serve", help="browser front end (trame-slicer) on this machine")
+    w.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    w.add_argument("--port", type=int, default=8080)
+    w.add_argument("--export-dir", default="medsapiens-cases", help="where Export writes cases")
+    w.add_argument("--model", default="default")
+    w.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
+    w.set_defaults(func=cmd_serve)
     return p
 
 

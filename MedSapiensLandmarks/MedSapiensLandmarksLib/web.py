@@ -1,0 +1,253 @@
+"""Browser front end on trame-slicer: upload, detect, drag-correct, export, fine-tune.
+
+The page holds one Slicer slice view (rendered by slicer-core on the server, streamed by
+trame-rca) and a side panel.  All the work is done by the module's own `LandmarksLogic`
+on the trame-slicer scene, exactly as in desktop Slicer.
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .cli import IMAGE_SUFFIXES
+from .export import ExportError
+from .imageio import ImageError, Radiograph, read_image
+from .logic import FinetuneJob, LandmarksLogic
+from .mrml import table_rows
+
+MAX_UPLOAD_BYTES = 200 * 1024 * 1024
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,150}$")
+
+
+class UploadError(ValueError):
+    """An uploaded file that is refused before it touches the disk."""
+
+
+def safe_upload_name(name: str) -> str:
+    """The file name of an upload, refused when it is a path, hidden, or not an image type."""
+    if "/" in name or "\\" in name or ".." in name or not _SAFE_NAME.match(name):
+        raise UploadError(f"{name!r}: refused file name (plain names only, no folders)")
+    suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else Path(name).suffix.lower()
+    if suffix not in IMAGE_SUFFIXES and suffix != ".nii.gz":
+        raise UploadError(f"{name!r}: not an image type ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return name
+
+
+def gray_volume_file(image: Radiograph, folder: Path) -> Path:
+    """The radiograph as a grey one-slice NRRD with its geometry, for Slicer to load."""
+    import SimpleITK as sitk
+
+    from .codec import to_gray
+    from .export import radiograph_to_itk
+
+    gray = Radiograph(np.asarray(to_gray(image.pixels), dtype=np.float32), image.pixel_to_lps,
+                      image.spacing_known, image.path)
+    path = folder / (Path(image.path).name.split(".")[0] + ".nrrd")
+    sitk.WriteImage(radiograph_to_itk(gray), str(path), useCompression=True)
+    return path
+
+
+class LandmarksWebApp:
+    """trame server + slicer-core scene + the module logic."""
+
+    def __init__(self, server: Any = None, export_dir: str | Path = "medsapiens-cases",
+                 model: str = "default") -> None:
+        from trame.app import get_server
+        from trame_slicer.core import LayoutManager, SlicerApp
+        from trame_slicer.rca_view import register_rca_factories
+        from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
+
+        self.server = get_server(server, client_type="vue3")
+        self.slicer = SlicerApp()
+        register_rca_factories(self.slicer.view_manager, self.server)
+        self.layouts = LayoutManager(self.slicer.scene, self.slicer.view_manager, self.server)
+        self.layouts.register_layout_dict(
+            {"slice": Layout(LayoutDirection.Vertical, [ViewLayoutDefinition.axial_view()])})
+        self.logic = LandmarksLogic(self.slicer.scene)
+        self.model, self.export_dir = model, Path(export_dir).resolve()
+        self.uploads = Path(tempfile.mkdtemp(prefix="medsapiens-web-"))
+        self.volume: Any = None
+        self.markups: Any = None
+        self.job: FinetuneJob | None = None
+        state = self.server.state
+        state.update({"upload": None, "status": "Open a radiograph (PNG, JPEG, DICOM, NRRD…)",
+                      "error": "", "rows": [], "case_id": "", "can_detect": False, "can_export": False,
+                      "finetune_progress": 0, "finetune_running": False, "points_view": [], "spacing": ""})
+        state.change("upload")(self.on_upload)
+        self._build_ui()
+        self.layouts.set_layout("slice")
+
+    # -- actions -----------------------------------------------------------------------------
+    def on_upload(self, upload: Any = None, **_: Any) -> None:
+        if not upload:
+            return
+        from trame_slicer.utils.file_access import ClientFile
+
+        files = upload if isinstance(upload, list) else [upload]
+        try:
+            item = ClientFile(files[0])
+            name = safe_upload_name(item.name)
+            content = item.content
+            if len(content) > MAX_UPLOAD_BYTES:
+                raise UploadError(f"{name}: larger than {MAX_UPLOAD_BYTES // 2**20} MB")
+            path = self.uploads / name
+            path.write_bytes(content)
+            self.load(path)
+        except (UploadError, ImageError) as err:
+            self._error(str(err))
+        finally:
+            self.server.state.upload = None  # the same file can be opened again
+
+    def load(self, path: str | Path) -> None:
+        """Show an image file in the slice view (any format the CLI reads)."""
+        text = str(self.server.state.spacing or "").strip()
+        try:
+            spacing = float(text) if text else None
+        except ValueError:
+            raise ImageError(f"pixel spacing {text!r} is not a number (mm per pixel)") from None
+        image = read_image(path, spacing=spacing)
+        volume_file = gray_volume_file(image, self.uploads)
+        self.slicer.scene.Clear()
+        self.logic.cleanup()
+        self.volume = self.slicer.io_manager.load_volumes([str(volume_file)])[0]
+        self.volume.SetName(Path(path).name.split(".")[0])
+        self.markups = None
+        self.slicer.display_manager.show_volume(self.volume, do_reset_views=True)
+        with self.server.state as s:
+            s.can_detect, s.can_export, s.rows, s.error = True, False, [], ""
+            s.case_id = self.volume.GetName()
+            s.status = f"{Path(path).name}: {image.shape[1]}x{image.shape[0]} pixels, " + (
+                f"{image.spacing[0]:.3f} mm/pixel" if image.spacing_known else "no pixel spacing (1 mm assumed)")
+
+    def detect(self) -> None:
+        if self.volume is None:
+            return self._error("open an image first")
+        self.markups = self.logic.detect(self.volume, self.model, markups_node=self.markups)
+        self.markups.AddObserver(self.markups.PointEndInteractionEvent, lambda *_: self.refresh())
+        self.refresh()
+        self.server.state.status = f"{self.markups.GetNumberOfControlPoints()} landmarks detected"
+
+    def refresh(self) -> None:
+        """Table rows and the on-screen position of each point (the page and its tests use them)."""
+        if self.markups is None:
+            return
+        rows = table_rows(self.markups)
+        for r in rows:
+            r["confidence"] = round(float(r["confidence"]), 3)
+            r["position"] = [round(v, 2) for v in self.markups.GetNthControlPointPosition(r["index"])]
+        with self.server.state as s:
+            s.rows, s.can_export, s.error = rows, True, ""
+            s.points_view = self.points_in_view()
+
+    def points_in_view(self) -> list[list[float]]:
+        """Each point in the slice view's pixel frame (x right, y down), or [] if no view yet."""
+        views = self.slicer.view_manager.get_slice_views()
+        if not views or self.markups is None:
+            return []
+        node = self.slicer.scene.GetNodeByID(views[0].get_view_node_id())
+        xy_to_ras = np.array([[node.GetXYToRAS().GetElement(i, j) for j in range(4)] for i in range(4)])
+        ras_to_xy = np.linalg.inv(xy_to_ras)
+        height = node.GetDimensions()[1]
+        out = []
+        for i in range(self.markups.GetNumberOfControlPoints()):
+            x, y, _z, _w = ras_to_xy @ [*self.markups.GetNthControlPointPosition(i), 1.0]
+            out.append([round(float(x), 1), round(float(height - 1 - y), 1)])
+        return out
+
+    def export(self) -> None:
+        if self.volume is None or self.markups is None:
+            return self._error("detect landmarks first")
+        try:
+            case = self.logic.export(self.volume, self.markups, self.export_dir,
+                                     case_id=self.server.state.case_id or None)
+        except ExportError as err:
+            return self._error(str(err))
+        self.server.state.status = f"exported {case.name} to {self.export_dir}"
+
+    def finetune(self) -> None:
+        if not (self.export_dir / "dataset.json").exists():
+            return self._error("export at least one case first")
+        self.job = FinetuneJob(self.export_dir, self.export_dir.parent / f"{self.export_dir.name}-model",
+                               init=self.model, coarse_epochs=2, refine_epochs=1)
+        self.server.state.finetune_running = True
+        self.server.state.status = "fine-tuning…"
+
+    def poll(self) -> None:
+        """Called every second by the page: fine-tuning progress and result."""
+        if self.job is None:
+            return
+        with self.server.state as s:
+            s.finetune_progress = round(100 * self.job.progress)
+            if not self.job.running:
+                res = self.job.result()
+                s.finetune_running = False
+                s.status = (f"fine-tuned model: {res['model']} (accepted: {res['accepted']})"
+                            if res["returncode"] == 0 else "fine-tuning failed: " + " ".join(res["log_tail"]))
+                self.job = None
+
+    def _start_polling(self, **_: Any) -> None:
+        import asyncio
+
+        async def every_second() -> None:
+            while True:
+                await asyncio.sleep(1.0)
+                self.poll()
+        asyncio.get_event_loop().create_task(every_second())
+
+    def _error(self, message: str) -> None:
+        with self.server.state as s:
+            s.error = message
+
+    # -- page --------------------------------------------------------------------------------
+    def _build_ui(self) -> None:
+        from trame.ui.vuetify3 import SinglePageWithDrawerLayout
+        from trame.widgets import html
+        from trame.widgets import vuetify3 as v
+
+        ctrl = self.server.controller
+        ctrl.detect, ctrl.export, ctrl.finetune = self.detect, self.export, self.finetune
+        ctrl.on_server_ready.add(self._start_polling)
+        with SinglePageWithDrawerLayout(self.server) as self.ui:
+            self.ui.title.set_text("MedSapiens Landmarks")
+            with self.ui.drawer as drawer:
+                drawer.width = 380
+                with v.VContainer(classes="pa-3"):
+                    v.VFileInput(v_model=("upload", None), label="Radiograph", id="upload",
+                                 accept=",".join(sorted(IMAGE_SUFFIXES)), density="compact")
+                    v.VTextField(v_model=("spacing",), label="Pixel spacing (mm) for files without one",
+                                 density="compact", id="spacing", placeholder="e.g. 0.1")
+                    v.VBtn("Detect landmarks", id="detect", click=ctrl.detect, disabled=("!can_detect",),
+                           color="primary", block=True, classes="mb-2")
+                    html.Div("{{ status }}", id="status", classes="text-caption mb-1")
+                    v.VAlert(v_if=("error",), text=("error",), type="error", density="compact", id="error")
+                    with v.VTable(density="compact", id="landmarks", height=420, fixed_header=True):
+                        with html.Thead():
+                            with html.Tr():
+                                for head in ("#", "name", "confidence", "corrected"):
+                                    html.Th(head)
+                        with html.Tbody():
+                            with html.Tr(v_for="r in rows", key="r.index",
+                                         style=("r.confidence < 0.5 ? 'color: #ff5252' : ''",)):
+                                html.Td("{{ r.index + 1 }}")
+                                html.Td("{{ r.name }}", classes="name")
+                                html.Td("{{ r.confidence.toFixed(2) }}")
+                                html.Td("{{ r.corrected ? 'corrected' : '' }}", classes="corrected")
+                    v.VTextField(v_model=("case_id",), label="Case id", density="compact", classes="mt-2")
+                    v.VBtn("Export", id="export", click=ctrl.export, disabled=("!can_export",),
+                           block=True, classes="mb-2")
+                    v.VBtn("Fine-tune", id="finetune", click=ctrl.finetune, disabled=("finetune_running",),
+                           block=True)
+                    v.VProgressLinear(v_if=("finetune_running",), model_value=("finetune_progress",))
+            with self.ui.content:
+                with html.Div(classes="fill-height d-flex flex-row flex-grow-1", id="view"):
+                    self.layouts.initialize_layout_grid(self.ui)
+
+
+def serve(host: str = "127.0.0.1", port: int = 8080, export_dir: str = "medsapiens-cases",
+          model: str = "default", open_browser: bool = False) -> None:
+    app = LandmarksWebApp(export_dir=export_dir, model=model)
+    app.server.start(host=host, port=port, open_browser=open_browser)
