@@ -136,3 +136,19 @@ def test_shipped_hand_model_finds_hand_landmarks(ceph_dir):
     lm = hand.detect(read_image(case.image))
     err_mm = np.linalg.norm(lm.xy - case.xy, axis=1) * hand_scale(case.xy[None])[0]
     assert np.median(err_mm) < 2.0 and (err_mm < 4.0).mean() > 0.9, err_mm.round(2)
+
+
+def test_bench_batch_and_random_sapiens_path(ceph_dir, tmp_path):
+    from MedSapiensLandmarksLib.bench import bench_batch, bench_image, sapiens_random
+
+    for n in ("151", "152", "153"):
+        (tmp_path / f"{n}.jpg").symlink_to(ceph_dir / "images" / f"{n}.jpg")
+    (tmp_path / "bad.png").write_text("no")
+    res = bench_batch(tmp_path, count=4, workers=1)
+    assert res["images"] == 4 and res["failures"] == 1
+    assert res["images_per_s"] == pytest.approx(4 / res["seconds"])
+    det = sapiens_random("sapiens_tiny")
+    assert det.card["coarse"]["input"]["size"] == [1024, 768] and det.coarse.heatmap_stride == 4
+    res = bench_image(ceph_dir / "images" / "151.jpg", repeat=1, det=det)
+    assert res["model"] == "sapiens_tiny (random weights)" and res["raw_forward_s"] > 0
+    assert res["stages_s"]["forward"] > 0

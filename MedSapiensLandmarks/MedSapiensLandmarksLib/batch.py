@@ -84,3 +84,39 @@ def pending(paths: Sequence[Path], stem: Callable[[Path], str], out_dir: Path,
             formats: Sequence[str]) -> list[Path]:
     """Inputs whose outputs are not all on disk yet (resuming an interrupted batch)."""
     return [p for p in paths if not all(f.exists() for f in outputs_for(out_dir, stem(p), formats))]
+
+
+def detect_files(det: Any, paths: Sequence[Path], out_dir: Path, formats: Sequence[str],
+                 stem: Callable[[Path], str], workers: int, say: Callable[[str, bool], None],
+                 tick: Callable[[], Any] = lambda: None, **read_kwargs: Any) -> int:
+    """Detect on every file and write the chosen formats; returns the number of failures.
+
+    ``say(message, problem)`` reports each result, warning and error (one line each).
+    """
+    from .analysis import write_analysis
+    from .markups import write_csv, write_fcsv, write_markups
+    from .overlay import write_overlay
+
+    failures = 0
+    for item in stream_images(paths, workers, **read_kwargs):
+        tick()
+        path, image = item.path, item.image
+        try:
+            if image is None:
+                raise ImageError(item.error)
+            lm = det.detect(image)
+            base, name = str(out_dir / stem(path)), stem(path)
+            writers = {"mrk.json": lambda: write_markups(f"{base}.mrk.json", lm, name=name),
+                       "fcsv": lambda: write_fcsv(f"{base}.fcsv", lm),
+                       "csv": lambda: write_csv(f"{base}.csv", lm),
+                       "png": lambda: write_overlay(f"{base}.overlay.png", image, lm),
+                       "analysis": lambda: write_analysis(f"{base}.analysis.csv", lm, image.spacing)}
+            written = [writers[f]() for f in formats]
+            if not image.spacing_known and read_kwargs.get("spacing") is None:
+                say(f"warning: {path}: the file has no pixel spacing; positions use 1 mm/pixel "
+                    f"(give --spacing)", True)
+            say(f"{path}: {len(lm)} landmarks -> {', '.join(str(w) for w in written)}", False)
+        except (ImageError, OSError) as err:
+            failures += 1
+            say(f"error: {err}", True)
+    return failures

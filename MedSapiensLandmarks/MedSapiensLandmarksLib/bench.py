@@ -46,10 +46,24 @@ def raw_forward_seconds(det: Detector, repeat: int) -> float:
     return _median_time(run, repeat)
 
 
+def sapiens_random(arch: str = "sapiens_0.3b", device: str = "cpu") -> Detector:
+    """A Sapiens detector with random weights, built as an official checkpoint would be."""
+    from .landmarks import CEPH_19
+    from .model import LandmarkNet
+    from .official import INPUT_SIZE, sapiens_detector
+
+    torch.manual_seed(0)
+    net = LandmarkNet({"family": "sapiens", "arch": arch, "input_size": list(INPUT_SIZE),
+                       "num_keypoints": len(CEPH_19)})
+    return sapiens_detector(net, CEPH_19, f"{arch} (random weights)", "random", device)
+
+
 def bench_image(image_path: str | Path, model: str = "default", spacing: float | None = 0.1,
-                repeat: int = 5, threads: int | None = None) -> dict[str, Any]:
+                repeat: int = 5, threads: int | None = None, det: Detector | None = None) -> dict[str, Any]:
     """Median seconds of each stage of ``detect`` on one image, end to end to .mrk.json + PNG."""
-    det = Detector.load(model, device="cpu", threads=threads)
+    det = det or Detector.load(model, device="cpu", threads=threads)
+    if threads:
+        torch.set_num_threads(threads)
     image = read_image(image_path, spacing=spacing)
     det.detect(image)  # warm-up
     stages: dict[str, list[float]] = {}
@@ -75,3 +89,22 @@ def bench_image(image_path: str | Path, model: str = "default", spacing: float |
             "cpu": platform.processor() or platform.machine(), "stages_s": med,
             "raw_forward_s": floor, "overhead": med["end_to_end_mrk"] / floor,
             "peak_rss_mb": peak_rss_mb()}
+
+
+def bench_batch(folder: str | Path, model: str = "default", count: int = 20, spacing: float | None = 0.1,
+                workers: int = 1, formats: tuple[str, ...] = ("mrk.json",), threads: int | None = None
+                ) -> dict[str, Any]:
+    """Throughput of the streaming batch path (`detect` over a folder) on ``count`` images."""
+    from .batch import detect_files
+    from .cli import case_stem, expand_inputs
+
+    det = Detector.load(model, device="cpu", threads=threads)
+    files = expand_inputs([str(folder)])[:count]
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        failures = detect_files(det, files, Path(out), formats, case_stem, workers,
+                                lambda *_: None, spacing=spacing)
+        seconds = time.perf_counter() - t0
+    return {"images": len(files), "failures": failures, "seconds": seconds,
+            "images_per_s": len(files) / seconds, "workers": workers, "formats": list(formats),
+            "threads": torch.get_num_threads(), "peak_rss_mb": peak_rss_mb()}

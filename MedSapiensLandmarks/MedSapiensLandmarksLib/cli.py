@@ -65,11 +65,9 @@ def prepare_output(out: Path) -> None:
 def cmd_detect(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .batch import pending, stream_images
+    from .analysis import CEPH_NAMES
+    from .batch import detect_files, pending
     from .detector import Detector
-    from .analysis import CEPH_NAMES, write_analysis
-    from .markups import write_csv, write_fcsv, write_markups
-    from .overlay import write_overlay
 
     fmts = parse_formats(args.format)
     files = expand_inputs(args.inputs)
@@ -95,33 +93,16 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if "analysis" in fmts and tuple(det.names) != CEPH_NAMES:
         raise UsageError("the analysis output needs a model of the 19 ISBI cephalometric landmarks")
     workers = args.workers if args.workers is not None else (1 if len(todo) > 1 else 0)
-    failures = len(clashes)
     bar = tqdm(total=len(todo), unit="image", disable=len(todo) < 2 or args.quiet, file=sys.stderr)
-    for item in stream_images(todo, workers, spacing=args.spacing, slice_index=args.slice,
-                              axis=args.axis):
-        bar.update()
-        path, image = item.path, item.image
-        try:
-            if image is None:
-                raise ImageError(item.error)
-            lm = det.detect(image)
-            stem = out / case_stem(path)
-            writers = {"mrk.json": lambda: write_markups(f"{stem}.mrk.json", lm, name=case_stem(path)),
-                       "fcsv": lambda: write_fcsv(f"{stem}.fcsv", lm),
-                       "csv": lambda: write_csv(f"{stem}.csv", lm),
-                       "png": lambda: write_overlay(f"{stem}.overlay.png", image, lm),
-                       "analysis": lambda: write_analysis(f"{stem}.analysis.csv", lm, image.spacing)}
-            written = [writers[f]() for f in fmts]
-            if not image.spacing_known and args.spacing is None and not args.quiet:
-                bar.write(f"warning: {path}: the file has no pixel spacing; positions use 1 mm/pixel "
-                          f"(give --spacing)", file=sys.stderr)
-            if not args.quiet:
-                bar.write(f"{path}: {len(lm)} landmarks -> {', '.join(str(w) for w in written)}")
-        except (ImageError, OSError) as err:
-            failures += 1
-            bar.write(f"error: {err}", file=sys.stderr)
+
+    def say(message: str, problem: bool) -> None:
+        if problem or not args.quiet:
+            bar.write(message, file=sys.stderr if problem else sys.stdout)
+
+    failures = detect_files(det, todo, out, fmts, case_stem, workers, say, bar.update,
+                            spacing=args.spacing, slice_index=args.slice, axis=args.axis)
     bar.close()
-    return 2 if failures else 0
+    return 2 if failures + len(clashes) else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -214,17 +195,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import bench_image
+    from .bench import bench_batch, bench_image, sapiens_random
 
-    res = bench_image(args.image, args.model, args.spacing, args.repeat, args.threads)
-    print(f"model {res['model']}, {res['threads']} threads, torch {res['torch']}, "
-          f"median of {res['repeat']} runs")
-    for stage, seconds in res["stages_s"].items():
-        print(f"  {stage:<20}{seconds * 1000:9.1f} ms")
-    print(f"  {'raw forward (floor)':<20}{res['raw_forward_s'] * 1000:9.1f} ms")
-    print(f"  overhead end-to-end / floor: {res['overhead']:.2f}x; peak RSS {res['peak_rss_mb']:.0f} MB")
+    results = {}
+    dets = {"default": None}
+    if args.sapiens:
+        dets[args.sapiens] = sapiens_random(f"sapiens_{args.sapiens}")
+    for label, det in dets.items():
+        res = bench_image(args.image, args.model, args.spacing, args.repeat if det is None else
+                          args.sapiens_repeat, args.threads, det=det)
+        results[label] = res
+        print(f"model {res['model']}, {res['threads']} threads, torch {res['torch']}, "
+              f"median of {res['repeat']} runs")
+        for stage, seconds in res["stages_s"].items():
+            print(f"  {stage:<20}{seconds * 1000:9.1f} ms")
+        print(f"  {'raw forward (floor)':<20}{res['raw_forward_s'] * 1000:9.1f} ms")
+        print(f"  overhead end-to-end / floor: {res['overhead']:.2f}x; peak RSS {res['peak_rss_mb']:.0f} MB")
+    if args.folder:
+        for workers in (0, 1):
+            res = bench_batch(args.folder, args.model, args.count, args.spacing, workers, threads=args.threads)
+            results[f"batch_workers_{workers}"] = res
+            print(f"batch over {res['images']} images of {args.folder} ({workers} reader worker(s), "
+                  f"mrk.json): {res['images_per_s']:.2f} images/s, peak RSS {res['peak_rss_mb']:.0f} MB")
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
@@ -307,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--spacing", type=float, default=0.1)
     b.add_argument("--repeat", type=int, default=5)
     b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--folder", default=None, help="also time batch detection over this folder")
+    b.add_argument("--count", type=int, default=20, help="images of --folder to use")
+    b.add_argument("--sapiens", default=None, choices=["0.3b", "0.6b", "1b", "2b"],
+                   help="also time a random-weight Sapiens of this size at 1024x768")
+    b.add_argument("--sapiens-repeat", type=int, default=2)
     b.add_argument("--json", default=None)
     b.set_defaults(func=cmd_bench)
     w = sub.add_parser("serve", help="browser front end (trame-slicer) on this machine")

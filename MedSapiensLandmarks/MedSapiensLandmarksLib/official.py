@@ -142,8 +142,6 @@ def _landmarks_for(k: int, dataset: str | None, head: dict[str, torch.Tensor]
 def load_official(path: str | Path, pretrain: str | Path | None = None, dataset: str | None = None,
                   device: str | None = None, lora_scales: dict[str, float] | None = None):
     """Build a `Detector` from an official MedSapiens checkpoint (see module docstring)."""
-    from .detector import Detector
-
     path = Path(path)
     state = read_pth(path)
     head = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
@@ -180,11 +178,19 @@ def load_official(path: str | Path, pretrain: str | Path | None = None, dataset:
     net = LandmarkNet(net_cfg)
     load_state(net, {**{f"backbone.{k2}": v for k2, v in bb.items()},
                      **{f"head.{k2}": v for k2, v in head.items()}}, str(path))
+    return sapiens_detector(net, names, f"medsapiens-{arch}-{dataset}", str(path), device)
+
+
+def sapiens_detector(net: LandmarkNet, names: list[tuple[str, str]], name: str, source: str,
+                     device: str | None = None):
+    """A `Detector` around a Sapiens net with the official input framing and normalisation."""
+    from .detector import Detector
+
     card: dict[str, Any] = {
-        "name": f"medsapiens-{arch}-{dataset}", "source": str(path),
-        "coarse": {"net": net_cfg, "input": {"size": list(INPUT_SIZE), "padding": 1.25, "channels": 3,
-                                              "mean": MEAN, "std": STD, "antialias": False,
-                                              "activation": "none", "flip_test": False}},
-        "refine": None, "landmarks": [{"name": n, "description": d} for n, d in names],
+        "name": name, "source": source,
+        "coarse": {"net": net.config, "input": {"size": list(INPUT_SIZE), "padding": 1.25, "channels": 3,
+                                                "mean": MEAN, "std": STD, "antialias": False,
+                                                "activation": "none", "flip_test": False}},
+        "landmarks": [{"name": n, "description": d} for n, d in names],
     }
     return Detector(card, {"coarse": net}, device=device)
