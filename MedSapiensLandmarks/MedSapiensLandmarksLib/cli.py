@@ -176,11 +176,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not cases:
         raise UsageError("no training cases")
     cfg = TrainConfig(coarse_epochs=args.coarse_epochs, refine_epochs=args.refine_epochs,
-                      seed=args.seed, threads=args.threads or 2)
+                      context_epochs=args.context_epochs, seed=args.seed, threads=args.threads or 2)
     init = Detector.load(args.init, device="cpu") if args.init else None
     if init is not None and len(init.names) != len(names):
-        raise UsageError(f"--init model has {len(init.names)} landmarks, the cases {len(names)}")
-    before = mean_radial_error(init, val) if init is not None and val else None
+        print(f"--init model has {len(init.names)} landmarks, the cases {len(names)}: "
+              f"transferring all but the output layers", flush=True)
+    same = init is not None and len(init.names) == len(names)
+    before = mean_radial_error(init, val) if same and val else None
     card = {"name": args.name or Path(args.output).name,
             "dataset": {"source": str(args.csv or args.cases), "train": len(cases), "val": len(val)}}
     path = fit(cases, val, names, Path(args.output), cfg, card=card, init=init)
@@ -292,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", default=None, help="model to fine-tune from")
     t.add_argument("--coarse-epochs", type=int, default=40)
     t.add_argument("--refine-epochs", type=int, default=25)
+    t.add_argument("--context-epochs", type=int, default=0,
+                   help="train a wide-patch stage between coarse and refine (0: none)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None)
     t.set_defaults(func=cmd_train)

@@ -209,6 +209,14 @@ def run_stage(name: str, net: LandmarkNet, data: torch.utils.data.Dataset, in_wh
                         "epoch": epoch + 1}, tmp)
 
 
+def transfer(source: torch.nn.Module, target: torch.nn.Module) -> list[str]:
+    """Copy every parameter/buffer of ``source`` whose name and shape match; returns the rest."""
+    own, theirs = target.state_dict(), source.state_dict()
+    keep = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
+    target.load_state_dict({**own, **keep})
+    return sorted(set(own) - set(keep))
+
+
 def seed_everything(seed: int, data: Any = None) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -243,8 +251,9 @@ def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Seque
         init: Any = None, log_path: Path | None = None) -> Path:
     """Train the stages in order (resumable in ``out_dir/work``), save the model to ``out_dir``.
 
-    ``init`` is a `Detector` to fine-tune from (same landmarks): its stages keep their nets and
-    framing; a stage it lacks is trained from scratch when its epoch count is > 0.
+    ``init`` is a `Detector` to fine-tune from: its stages keep their nets and framing (with a
+    different landmark set, everything but the output layers is transferred); a stage it lacks
+    is trained from scratch when its epoch count is > 0.
     """
     from .checkpoints import STAGES, save_model
     from .detector import Detector
@@ -259,10 +268,15 @@ def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Seque
     specs = net_specs(cfg)
     card = {**(card or {}), "landmarks": [{"name": n, "description": d} for n, d in landmarks]}
     nets: dict[str, LandmarkNet] = {}
+    same_landmarks = init is not None and len(init.names) == len(landmarks)
     for stage in STAGES:
         card.pop(stage, None)
-        if init is not None and stage in init.nets:
+        if init is not None and stage in init.nets and same_landmarks:
             card[stage], nets[stage] = init.card[stage], init.nets[stage]
+        elif init is not None and stage in init.nets:  # another landmark set: new heads
+            card[stage] = init.card[stage]
+            nets[stage] = LandmarkNet({**init.card[stage]["net"], "num_keypoints": len(landmarks)})
+            transfer(init.nets[stage], nets[stage])
         elif stage == "coarse" or epochs[stage] > 0:
             card[stage] = specs[stage]
             nets[stage] = LandmarkNet({**specs[stage]["net"], "num_keypoints": len(landmarks)})
