@@ -159,3 +159,18 @@ def test_card_that_is_not_json_is_refused(hand_copy):
     (hand_copy / "model.json").write_text("{ half a card")
     with pytest.raises(CheckpointError, match="not a readable model card"):
         load_model(hand_copy)
+
+
+def test_shards_split_the_sorted_inputs_without_overlap(monkeypatch):
+    from MedSapiensLandmarksLib.cli import UsageError, shard
+
+    files = [Path(f"/x/{i:03d}.png") for i in range(10)][::-1]
+    parts = [shard(files, f"{k}/3") for k in range(3)]
+    assert sorted(p for part in parts for p in part) == sorted(files)
+    assert parts[0] == [Path("/x/000.png"), Path("/x/003.png"), Path("/x/006.png"), Path("/x/009.png")]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert shard(files, "env") == parts[1]
+    for bad in ("3/3", "a/b", "1"):
+        with pytest.raises(UsageError):
+            shard(files, bad)

@@ -49,6 +49,28 @@ def parse_formats(text: str) -> list[str]:
     return fmts
 
 
+def shard(files: list[Path], spec: str | None) -> list[Path]:
+    """This machine's share of a sorted file list: ``K/N`` or ``env`` (RANK / WORLD_SIZE, as
+    set by torchrun, or SLURM_PROCID / SLURM_NTASKS)."""
+    import os
+
+    if not spec:
+        return files
+    if spec == "env":
+        env = os.environ
+        k, n = (env.get("RANK", env.get("SLURM_PROCID")), env.get("WORLD_SIZE", env.get("SLURM_NTASKS")))
+        if k is None or n is None:
+            raise UsageError("--shard env: RANK/WORLD_SIZE (or SLURM_PROCID/SLURM_NTASKS) are not set")
+        spec = f"{k}/{n}"
+    try:
+        k, n = (int(v) for v in spec.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {spec!r}: expected K/N, e.g. 0/4") from None
+    if not 0 <= k < n:
+        raise UsageError(f"--shard {spec}: K must be in 0..N-1")
+    return sorted(files)[k::n]
+
+
 def prepare_output(out: Path) -> None:
     """Create the output folder, or say in one line why it cannot be used."""
     import tempfile
@@ -70,7 +92,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from .detector import Detector
 
     fmts = parse_formats(args.format)
-    files = expand_inputs(args.inputs)
+    files = shard(expand_inputs(args.inputs), args.shard)
     if not files:
         raise UsageError("no input images (folders are searched for image files by extension)")
     out = Path(args.output)
@@ -262,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip images whose outputs all exist (resume an interrupted batch)")
     d.add_argument("--workers", type=int, default=None,
                    help="image-reading worker processes (default: 1 for several images, else 0)")
+    d.add_argument("--shard", default=None, metavar="K/N|env",
+                   help="process only share K of N of the sorted inputs (env: torchrun/Slurm rank)")
     d.add_argument("-q", "--quiet", action="store_true")
     model_opts(d)
     d.set_defaults(func=cmd_detect)
