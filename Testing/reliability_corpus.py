@@ -149,9 +149,10 @@ if __name__ == "__main__":
         lines = err.getvalue().splitlines()
         print(f"exit code {rc}\n\n| input | what | expected | result |\n|---|---|---|---|")
         for entry, path in items:
-            said = [ln for ln in lines if str(path) in ln.encode("utf-8", "surrogateescape").decode(
-                "utf-8", "backslashreplace") or str(path) in ln]
+            said = [ln.split(": ", 2)[0] + ": " + ln.split(": ", 2)[2] for ln in lines
+                    if ln.startswith((f"error: {path}:", f"warning: {path}:"))]
             wrote = sorted(q.name for q in Path(f"{tmp}/out").glob(f"{Path(entry.name).stem}.*"))
-            result = "; ".join(said) if said else "written: " + ", ".join(wrote)
-            print(f"| `{entry.name.encode('utf-8', 'backslashreplace').decode()}` | {entry.what} | "
-                  f"{entry.expect} | {result.replace(tmp, '…')} |")
+            result = "; ".join(s.replace(f"{tmp}/in/", "") for s in said)
+            result += ("; written: " + ", ".join(wrote)) if wrote else "; nothing written"
+            shown = entry.name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            print(f"| `{shown}` | {entry.what} | {entry.expect} | {result.replace('|', '/')} |")

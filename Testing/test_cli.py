@@ -102,3 +102,10 @@ def test_evaluate_prints_mre_and_sdr(tmp_path, ceph_dir, truth_151):
     for name in ("error_histogram.png", "landmark_boxplot.png"):
         with Image.open(tmp_path / "report" / name) as pic:
             assert pic.size[0] > 300 and f"({name})" in report
+
+
+def test_train_ids_select_documented_cases(tmp_path, ceph_dir, capsys):
+    csv_path = str(ceph_dir / "train_senior.csv")
+    assert main(["train", "--csv", csv_path, "--ids", "001,999", "-o", str(tmp_path / "m")]) == 2
+    assert "--ids: no case 999" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()  # refused before anything is written

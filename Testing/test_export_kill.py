@@ -57,6 +57,7 @@ def test_export_survives_sigkill_at_random_moments(tmp_path):
     root = tmp_path / "export"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "MedSapiensLandmarks")}
     rng, start, checked = random.Random(7), 0, 0
+    seen = {"temporary folder left": 0, "index behind the folders": 0, "case put back from .previous": 0}
     for _ in range(KILLS):
         child = subprocess.Popen([sys.executable, "-c", CHILD, str(root), str(start)],
                                  stdout=subprocess.PIPE, text=True, env=env)
@@ -68,14 +69,22 @@ def test_export_survives_sigkill_at_random_moments(tmp_path):
         child.wait()
         start = int(done[-1]) + 1 if done[-1].strip() else start + 1
         for folder in (root / "cases").iterdir():
-            if not folder.name.startswith("."):  # hidden = a temporary folder being written
-                check_case(folder)
-                checked += 1
+            if folder.name.startswith("."):  # hidden = a temporary folder being written
+                seen["temporary folder left"] += 1
+                continue
+            check_case(folder)
+            checked += 1
+        on_disk_before = sorted(d.name for d in (root / "cases").iterdir()
+                                if "previous" not in d.name and not d.name.startswith("."))
+        indexed = json.loads((root / "dataset.json").read_text())["cases"] if (root / "dataset.json").exists() else []
+        seen["index behind the folders"] += [c["id"] for c in indexed] != on_disk_before
         cases, names = read_cases(root)  # the next reader repairs the index
         index = json.loads((root / "dataset.json").read_text())
         on_disk = sorted(d.name for d in (root / "cases").iterdir() if "previous" not in d.name)
+        seen["case put back from .previous"] += len(on_disk) - len(on_disk_before)
         assert [c["id"] for c in index["cases"]] == on_disk and len(cases) == len(on_disk)
         assert names[0] == ("L0", "L0") and not list((root / "cases").glob(".*"))
         coco = json.loads((root / "coco_keypoints.json").read_text())
         assert len(coco["annotations"]) == len(on_disk)
     assert checked > KILLS  # the folders checked were real
+    print(f"{KILLS} kills, {checked} case folders checked, all complete; {seen}")

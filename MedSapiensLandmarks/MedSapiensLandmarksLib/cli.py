@@ -186,6 +186,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         cases = read_landmark_csv(args.csv, args.images, spacing=args.spacing)
         if args.split:
             cases = [c for c in cases if c.split == args.split]
+        if args.ids:
+            text = Path(args.ids[1:]).read_text() if args.ids.startswith("@") else args.ids
+            wanted = [i.strip() for i in text.replace("\n", ",").split(",") if i.strip()]
+            by_id = {c.case_id: c for c in cases}
+            missing = [i for i in wanted if i not in by_id]
+            if missing:
+                raise UsageError(f"--ids: no case {', '.join(missing[:5])} in {args.csv}")
+            cases = [by_id[i] for i in wanted]
         k = len(cases[0].xy) if cases else 0
         names = {19: CEPH_19, 37: HAND_37}.get(k, numbered("P", "point", k))
     cases.sort(key=lambda c: str(c.image))
@@ -309,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cases", default=None, help="export folder (dataset.json) from Slicer/export")
     t.add_argument("--images", default=None)
     t.add_argument("--split", default=None, help="keep rows of this split (hand CSV: train)")
+    t.add_argument("--ids", default=None, help="only these case ids (comma list, or @file)")
     t.add_argument("--val-csv", default=None)
     t.add_argument("--val-count", type=int, default=None,
                    help="last N cases held out for validation (default: 10 of a CSV, 1/5 of cases)")
