@@ -32,12 +32,15 @@ def _median_time(fn, repeat: int) -> float:
 
 @torch.inference_mode()
 def raw_forward_seconds(det: Detector, repeat: int) -> float:
-    """The floor: the nets alone on inputs of the model's size (coarse + one batch per local stage)."""
+    """The floor: every network forward that detection runs, alone, on inputs of the model's
+    size: coarse (a batch of 2 when the mirror orientation is checked) + one batch per local stage."""
     inputs = {}
     for stage, net in det.nets.items():
         spec = det.card[stage]["input"]
-        inputs[stage] = torch.zeros(1 if stage == "coarse" else len(det.names), spec.get("channels", 1),
-                                    *spec["size"], device=det.device)
+        batch = len(det.names) if stage != "coarse" else 2 if spec.get("orientation") == "auto" else 1
+        inputs[stage] = torch.zeros(batch, spec.get("channels", 1), *spec["size"], device=det.device)
+        if det.channels_last and net.config["family"] == "unet":
+            inputs[stage] = inputs[stage].contiguous(memory_format=torch.channels_last)
 
     def run() -> None:
         for stage, net in det.nets.items():

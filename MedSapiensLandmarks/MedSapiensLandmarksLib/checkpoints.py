@@ -139,7 +139,7 @@ def load_card_model(card_path: Path, device: str | None = None):
                                   f"but the model card names {k}")
     nets = build_nets(card)
     load_state(torch.nn.ModuleDict(nets), state, str(weights))
-    return Detector(card, nets, device=device)
+    return Detector(card, nets, device=device).use_channels_last()
 
 
 def save_model(out_dir: Path, card: dict[str, Any], nets: dict[str, torch.nn.Module]) -> Path:

@@ -230,12 +230,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench_batch, bench_image, sapiens_random
 
     results = {}
-    dets = {"default": None}
+    runs = [(args.model, lambda: None, args.repeat)]  # Sapiens built only after: RSS stays per model
     if args.sapiens:
-        dets[args.sapiens] = sapiens_random(f"sapiens_{args.sapiens}")
-    for label, det in dets.items():
-        res = bench_image(args.image, args.model, args.spacing, args.repeat if det is None else
-                          args.sapiens_repeat, args.threads, det=det)
+        runs.append((args.sapiens, lambda: sapiens_random(f"sapiens_{args.sapiens}"), args.sapiens_repeat))
+    for label, build, repeat in runs:
+        res = bench_image(args.image, args.model, args.spacing, repeat, args.threads, det=build())
         results[label] = res
         print(f"model {res['model']}, {res['threads']} threads, torch {res['torch']}, "
               f"median of {res['repeat']} runs")

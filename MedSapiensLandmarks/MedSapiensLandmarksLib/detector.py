@@ -44,9 +44,20 @@ class Detector:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.nets = {name: net.to(self.device).eval() for name, net in nets.items() if net is not None}
         self.coarse = self.nets["coarse"]
+        self.channels_last = False
         self.names = [lm["name"] for lm in card["landmarks"]]
         self.descriptions = [lm.get("description", lm["name"]) for lm in card["landmarks"]]
         self.timings: dict[str, float] = {}
+
+    def use_channels_last(self) -> "Detector":
+        """CNN nets in channels-last memory on CPU: 15-35 % faster forwards, outputs equal to
+        1e-5 (bench/cpu_fast_path.py). For inference only: it changes the nets' parameters."""
+        if self.device.type == "cpu":
+            for net in self.nets.values():
+                if net.config["family"] == "unet":
+                    net.to(memory_format=torch.channels_last)
+            self.channels_last = True
+        return self
 
     @classmethod
     def load(cls, model: str | Path = "default", device: str | None = None,
@@ -72,6 +83,8 @@ class Detector:
     def _heatmaps(self, net: LandmarkNet, x: torch.Tensor, spec: dict[str, Any]
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run a net (optionally with flip test) -> (peak-1 heatmaps, confidence)."""
+        if self.channels_last and net.config["family"] == "unet":
+            x = x.contiguous(memory_format=torch.channels_last)
         out = net(x).float()
         if spec.get("flip_test"):
             out = 0.5 * (out + net(x.flip(-1)).float().flip(-1))
@@ -96,16 +109,19 @@ class Detector:
         planes = [warp(g, b, (w_in, h_in), spec.get("antialias", False)) for g, b in zip(grays, boxes)]
         x = self._to_tensor(planes, spec)
         clock.lap("preprocess")
-        hm, conf = self._heatmaps(self.coarse, x, spec)
         mirrored = torch.zeros(len(images), dtype=torch.bool)
         if spec.get("orientation") == "auto":
-            # Also look at the mirror image (a cephalogram facing the other way) and keep, per
-            # image, the orientation the model is more confident about.
-            hm_m, conf_m = self._heatmaps(self.coarse, x.flip(-1), spec)
+            # Also look at the mirror image (a cephalogram facing the other way; one batch with
+            # the original) and keep, per image, the orientation the model is more confident about.
+            hm, conf = self._heatmaps(self.coarse, torch.cat([x, x.flip(-1)]), spec)
+            n = len(images)
+            hm, hm_m, conf, conf_m = hm[:n], hm[n:], conf[:n], conf[n:]
             mirrored = conf_m.mean(1).cpu() > conf.mean(1).cpu()
             pick = mirrored.to(hm.device)
             hm = torch.where(pick[:, None, None, None], hm_m, hm)
             conf = torch.where(pick[:, None], conf_m, conf)
+        else:
+            hm, conf = self._heatmaps(self.coarse, x, spec)
         clock.lap("forward")
         uv, _ = decode_heatmaps(hm)
         clock.lap("decode")
