@@ -146,6 +146,9 @@ def test_bench_batch_and_random_sapiens_path(ceph_dir, tmp_path):
     (tmp_path / "bad.png").write_text("no")
     res = bench_batch(tmp_path, count=4, workers=1)
     assert res["images"] == 4 and res["failures"] == 1
+    from MedSapiensLandmarksLib.bench import markdown
+    text = markdown({"batch": res}, "bench x")
+    assert text.startswith("### bench run ") and "4 images" in text and "`bench x`" in text
     assert res["images_per_s"] == pytest.approx(4 / res["seconds"])
     det = sapiens_random("sapiens_tiny")
     assert det.card["coarse"]["input"]["size"] == [1024, 768] and det.coarse.heatmap_stride == 4

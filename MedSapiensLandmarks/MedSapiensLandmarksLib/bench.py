@@ -111,3 +111,24 @@ def bench_batch(folder: str | Path, model: str = "default", count: int = 20, spa
     return {"images": len(files), "failures": failures, "seconds": seconds,
             "images_per_s": len(files) / seconds, "workers": workers, "formats": list(formats),
             "threads": torch.get_num_threads(), "peak_rss_mb": peak_rss_mb()}
+
+
+def markdown(results: dict[str, dict[str, Any]], command: str) -> str:
+    """A dated section for docs/benchmarks.md: machine, torch, threads, one table per run."""
+    import datetime
+    import os
+
+    first = next(iter(results.values()))
+    lines = [f"### bench run {datetime.date.today().isoformat()} ({os.cpu_count()} CPUs, "
+             f"{platform.machine()}, torch {torch.__version__}, {first.get('threads')} threads)", "",
+             f"Command: `{command}`", ""]
+    for label, res in results.items():
+        if "stages_s" in res:
+            lines += [f"{res['model']}:", "", "| stage | ms |", "|---|---|"]
+            lines += [f"| {k} | {v * 1000:.1f} |" for k, v in res["stages_s"].items()]
+            lines += [f"| raw forward floor | {res['raw_forward_s'] * 1000:.1f} |", "",
+                      f"Overhead {res['overhead']:.2f}x, peak RSS {res['peak_rss_mb']:.0f} MB.", ""]
+        else:
+            lines += [f"{label}: {res['images']} images, {res['images_per_s']:.2f} images/s "
+                      f"({res['workers']} reader workers, {', '.join(res['formats'])}).", ""]
+    return "\n".join(lines) + "\n"

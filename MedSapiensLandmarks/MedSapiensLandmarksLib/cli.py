@@ -250,6 +250,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"mrk.json): {res['images_per_s']:.2f} images/s, peak RSS {res['peak_rss_mb']:.0f} MB")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.append:
+        from .bench import markdown
+
+        with open(args.append, "a") as f:
+            f.write("\n" + markdown(results, "medsapiens-landmarks bench " + " ".join(sys.argv[2:])))
     return 0
 
 
@@ -342,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sapiens", default=None, choices=["0.3b", "0.6b", "1b", "2b"],
                    help="also time a random-weight Sapiens of this size at 1024x768")
     b.add_argument("--sapiens-repeat", type=int, default=2)
+    b.add_argument("--append", default=None, metavar="MD",
+                   help="append the tables (with date, machine, torch, threads) to this markdown file")
     b.add_argument("--json", default=None)
     b.set_defaults(func=cmd_bench)
     w = sub.add_parser("serve", help="browser front end (trame-slicer) on this machine")
