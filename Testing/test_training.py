@@ -31,7 +31,7 @@ def make_cases(folder, n, seed=0):
 
 
 CFG = dict(coarse_size=(64, 48), refine_size=(32, 32), refine_fraction=0.2, coarse_epochs=2,
-           refine_epochs=1, batch_size=2, refine_batch_size=4, threads=2)
+           refine_epochs=1, batch_size=2, refine_batch_size=4, threads=2, checkpoint_every_s=0)
 
 
 @pytest.fixture(scope="module")

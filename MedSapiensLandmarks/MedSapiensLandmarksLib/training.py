@@ -49,6 +49,7 @@ class TrainConfig:
     refine_jitter: float = 0.25  # std of the patch-centre jitter, in patch heights (local stages)
     seed: int = 0
     threads: int = 2
+    checkpoint_every_s: float = 60.0  # resumable checkpoint at most this often (and at the end)
 
 
 def load_gray(case: Case) -> np.ndarray:
@@ -181,6 +182,7 @@ def run_stage(name: str, net: LandmarkNet, data: torch.utils.data.Dataset, in_wh
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start = state["epoch"]
+    saved = time.time()
     for epoch in range(start, epochs):
         seed_everything(cfg.seed * 1000 + epoch, data)  # per-epoch seeds: resume == no stop
         net.train()
@@ -204,9 +206,11 @@ def run_stage(name: str, net: LandmarkNet, data: torch.utils.data.Dataset, in_wh
                   "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 1)}
         record.update(validate())
         log(record)
-        with atomic_write(ckpt) as tmp:
-            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "epoch": epoch + 1}, tmp)
+        if epoch + 1 == epochs or time.time() - saved >= cfg.checkpoint_every_s:
+            with atomic_write(ckpt) as tmp:
+                torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                            "epoch": epoch + 1}, tmp)
+            saved = time.time()
 
 
 def transfer(source: torch.nn.Module, target: torch.nn.Module) -> list[str]:
