@@ -29,6 +29,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .landmarks import CEPH_19
+
 MEASUREMENTS = ("ANB", "SNB", "SNA", "ODI", "APDI", "FHI", "FMA", "MW")
 # (lower, upper, class below, class inside, class above); MW has its own rule
 LIMITS = {"ANB": (3.2, 5.7, 3, 1, 2), "SNB": (74.6, 78.7, 2, 1, 3), "SNA": (79.4, 83.2, 3, 1, 2),
@@ -44,8 +46,7 @@ CLASS_NAMES = {
     "FMA": {1: "normal", 2: "high mandibular angle", 3: "low mandibular angle"},
     "MW": {1: "normal", 2: "edge to edge", 3: "anterior cross bite", 4: "large overjet"},
 }
-CEPH_NAMES = ("S", "N", "Or", "Po", "A", "B", "Pog", "Me", "Gn", "Go", "LIT", "UIT", "UL", "LL",
-              "Sn", "Pog'", "PNS", "ANS", "Ar")
+CEPH_NAMES = tuple(name for name, _ in CEPH_19)
 
 
 def _angle_at(p: np.ndarray, vertex: np.ndarray, q: np.ndarray) -> float:

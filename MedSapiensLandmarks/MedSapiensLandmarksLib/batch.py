@@ -73,11 +73,13 @@ def stream_images(paths: Sequence[Path], workers: int = 1, prefetch: int = 2,
             yield item
 
 
+SUFFIXES = {"mrk.json": ".mrk.json", "fcsv": ".fcsv", "csv": ".csv", "png": ".overlay.png",
+            "analysis": ".analysis.csv"}  # output format -> file name ending
+
+
 def outputs_for(out_dir: Path, stem: str, formats: Sequence[str]) -> list[Path]:
     """The files ``detect`` writes for one case."""
-    names = {"mrk.json": ".mrk.json", "fcsv": ".fcsv", "csv": ".csv", "png": ".overlay.png",
-             "analysis": ".analysis.csv"}
-    return [out_dir / f"{stem}{names[f]}" for f in formats]
+    return [out_dir / f"{stem}{SUFFIXES[f]}" for f in formats]
 
 
 def pending(paths: Sequence[Path], stem: Callable[[Path], str], out_dir: Path,
@@ -105,13 +107,13 @@ def detect_files(det: Any, paths: Sequence[Path], out_dir: Path, formats: Sequen
             if image is None:
                 raise ImageError(item.error)
             lm = det.detect(image)
-            base, name = str(out_dir / stem(path)), stem(path)
-            writers = {"mrk.json": lambda: write_markups(f"{base}.mrk.json", lm, name=name),
-                       "fcsv": lambda: write_fcsv(f"{base}.fcsv", lm),
-                       "csv": lambda: write_csv(f"{base}.csv", lm),
-                       "png": lambda: write_overlay(f"{base}.overlay.png", image, lm),
-                       "analysis": lambda: write_analysis(f"{base}.analysis.csv", lm, image.spacing)}
-            written = [writers[f]() for f in formats]
+            name = stem(path)
+            writers = {"mrk.json": lambda p: write_markups(p, lm, name=name),
+                       "fcsv": lambda p: write_fcsv(p, lm),
+                       "csv": lambda p: write_csv(p, lm),
+                       "png": lambda p: write_overlay(p, image, lm),
+                       "analysis": lambda p: write_analysis(p, lm, image.spacing)}
+            written = [writers[f](p) for f, p in zip(formats, outputs_for(out_dir, name, formats))]
             if not image.spacing_known and read_kwargs.get("spacing") is None:
                 say(f"warning: {path}: the file has no pixel spacing; positions use 1 mm/pixel "
                     f"(give --spacing)", True)

@@ -97,13 +97,14 @@ def cmd_detect(args: argparse.Namespace) -> int:
         raise UsageError("no input images (folders are searched for image files by extension)")
     out = Path(args.output)
     prepare_output(out)
-    stems: dict[str, Path] = {}
+    first: dict[str, Path] = {}
+    clashes = []
     for f in files:  # two inputs of one name (a.png, a.tif): the second would overwrite the first
-        stems.setdefault(case_stem(f), f)
-    clashes = [f for f in files if stems[case_stem(f)] != f]
-    for f in clashes:
-        print(f"error: {f}: same output name as {stems[case_stem(f)]}; skipped (rename it)", file=sys.stderr)
-    files = [f for f in files if stems[case_stem(f)] == f]
+        owner = first.setdefault(case_stem(f), f)
+        if owner != f:
+            clashes.append(f)
+            print(f"error: {f}: same output name as {owner}; skipped (rename it)", file=sys.stderr)
+    files = list(first.values())
     todo = pending(files, case_stem, out, fmts) if args.skip_existing else files
     if len(todo) < len(files) and not args.quiet:
         print(f"skipping {len(files) - len(todo)} image(s) whose outputs exist", file=sys.stderr)
@@ -208,10 +209,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(coarse_epochs=args.coarse_epochs, refine_epochs=args.refine_epochs,
                       context_epochs=args.context_epochs, seed=args.seed, threads=args.threads or 2)
     init = Detector.load(args.init, device="cpu") if args.init else None
-    if init is not None and len(init.names) != len(names):
+    same = init is not None and len(init.names) == len(names)
+    if init is not None and not same:
         print(f"--init model has {len(init.names)} landmarks, the cases {len(names)}: "
               f"transferring all but the output layers", flush=True)
-    same = init is not None and len(init.names) == len(names)
     before = mean_radial_error(init, val) if same and val else None
     card = {"name": args.name or Path(args.output).name,
             "dataset": {"source": str(args.csv or args.cases), "train": len(cases), "val": len(val)}}

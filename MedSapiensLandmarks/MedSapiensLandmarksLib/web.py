@@ -31,8 +31,7 @@ def safe_upload_name(name: str) -> str:
     """The file name of an upload, refused when it is a path, hidden, or not an image type."""
     if "/" in name or "\\" in name or ".." in name or not _SAFE_NAME.match(name):
         raise UploadError(f"{name!r}: refused file name (plain names only, no folders)")
-    suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else Path(name).suffix.lower()
-    if suffix not in IMAGE_SUFFIXES and suffix != ".nii.gz":
+    if Path(name).suffix.lower() not in IMAGE_SUFFIXES:  # the rule `detect` uses on folders
         raise UploadError(f"{name!r}: not an image type ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return name
 
@@ -126,8 +125,10 @@ class LandmarksWebApp:
     def detect(self) -> None:
         if self.volume is None:
             return self._error("open an image first")
+        new = self.markups is None
         self.markups = self.logic.detect(self.volume, self.model, markups_node=self.markups)
-        self.markups.AddObserver(self.markups.PointEndInteractionEvent, lambda *_: self.refresh())
+        if new:  # re-detection reuses the node: one observer per node
+            self.markups.AddObserver(self.markups.PointEndInteractionEvent, lambda *_: self.refresh())
         self.refresh()
         self.server.state.status = f"{self.markups.GetNumberOfControlPoints()} landmarks detected"
 
