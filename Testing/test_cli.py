@@ -109,3 +109,20 @@ def test_train_ids_select_documented_cases(tmp_path, ceph_dir, capsys):
     assert main(["train", "--csv", csv_path, "--ids", "001,999", "-o", str(tmp_path / "m")]) == 2
     assert "--ids: no case 999" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()  # refused before anything is written
+
+
+def test_train_passes_the_learning_rate_and_case_split_to_fit(tmp_path, ceph_dir, monkeypatch):
+    from MedSapiensLandmarksLib import training
+
+    seen = {}
+
+    def fake_fit(cases, val, names, out, cfg, card=None, init=None):
+        seen.update(train=[c.case_id for c in cases], val=[c.case_id for c in val], lr=cfg.lr)
+        return out / "model.json"
+
+    monkeypatch.setattr(training, "fit", fake_fit)
+    csv_path = str(ceph_dir / "train_senior.csv")
+    args = ["train", "--csv", csv_path, "--ids", "003,001,002", "--val-count", "1", "-o", str(tmp_path)]
+    assert main(args + ["--lr", "3e-4"]) == 0
+    assert seen == {"train": ["001", "002"], "val": ["003"], "lr": 3e-4}
+    assert main(args) == 0 and seen["lr"] == training.TrainConfig().lr == 1e-3

@@ -207,7 +207,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not cases:
         raise UsageError("no training cases")
     cfg = TrainConfig(coarse_epochs=args.coarse_epochs, refine_epochs=args.refine_epochs,
-                      context_epochs=args.context_epochs, seed=args.seed, threads=args.threads or 2)
+                      context_epochs=args.context_epochs, seed=args.seed, threads=args.threads or 2,
+                      lr=args.lr if args.lr is not None else TrainConfig.lr)
     init = Detector.load(args.init, device="cpu") if args.init else None
     same = init is not None and len(init.names) == len(names)
     if init is not None and not same:
@@ -334,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--refine-epochs", type=int, default=25)
     t.add_argument("--context-epochs", type=int, default=0,
                    help="train a wide-patch stage between coarse and refine (0: none)")
+    t.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default 1e-3; lower it to continue training a model)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None)
     t.set_defaults(func=cmd_train)
