@@ -52,6 +52,14 @@ def test_fit_saves_a_model_that_loads_and_detects(tmp_path, cases):
     assert lm.xy.shape == (2, 2) and np.all((lm.confidence >= 0) & (lm.confidence <= 1))
 
 
+def test_validation_error_is_logged_in_pixels_when_the_spacing_is_unknown(tmp_path, cases):
+    unknown = [training.Case(c.image, c.xy, None) for c in cases]  # PNG, no spacing given
+    cfg = training.TrainConfig(**{**CFG, "coarse_epochs": 1, "refine_epochs": 0})
+    training.fit(unknown[:6], unknown[6:], NAMES, tmp_path / "m", cfg)
+    (record,) = [json.loads(x) for x in (tmp_path / "m" / "work" / "log.jsonl").read_text().splitlines()]
+    assert "val_mre_mm" not in record and record["val_mre_px"] > 0
+
+
 def test_context_stage_added_to_a_trained_model_runs_before_refine(tmp_path, cases):
     base = load_model(training.fit(cases[:6], [], NAMES, tmp_path / "base", training.TrainConfig(**CFG)))
     cfg = training.TrainConfig(**{**CFG, "coarse_epochs": 0, "refine_epochs": 0, "context_epochs": 1,

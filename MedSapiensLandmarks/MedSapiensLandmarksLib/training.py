@@ -297,7 +297,8 @@ def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Seque
             if not val_cases:
                 return {}
             det = Detector(card, use, device="cpu")
-            return {"val_mre_mm": mean_radial_error(det, val_cases, val_images)}
+            unit = "mm" if all(im.spacing_known for im in val_images) else "px"  # hands: no spacing
+            return {f"val_mre_{unit}": mean_radial_error(det, val_cases, val_images)}
         return run
 
     def log(record: dict[str, Any]) -> None:
