@@ -86,5 +86,36 @@ def test_export_survives_sigkill_at_random_moments(tmp_path):
         assert names[0] == ("L0", "L0") and not list((root / "cases").glob(".*"))
         coco = json.loads((root / "coco_keypoints.json").read_text())
         assert len(coco["annotations"]) == len(on_disk)
+        for ann, case in zip(coco["annotations"], cases):  # the derived files follow the cases
+            assert np.allclose(np.reshape(ann["keypoints"], (-1, 3))[:, :2], case.xy, atol=1e-3)
     assert checked > KILLS  # the folders checked were real
     print(f"{KILLS} kills, {checked} case folders checked, all complete; {seen}")
+
+
+def test_reader_rebuilds_derived_files_left_behind_by_a_kill(tmp_path):
+    """Killed after the index but before COCO/CSV (or while replacing a case): the next reader
+    notices the derived files do not match the cases and rewrites them."""
+    root = tmp_path / "export"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "MedSapiensLandmarks")}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(root), "0"], stdout=subprocess.PIPE, text=True, env=env)
+    while int(child.stdout.readline()) < 6:  # case0..case4 written, case0 and case1 replaced once
+        pass
+    child.kill()
+    child.wait()
+    read_cases(root)  # repair whatever the kill left
+    coco_path = root / "coco_keypoints.json"
+    stale = coco_path.read_text()
+    # a kill between replacing case2 and rewriting the derived files: its markups differ from COCO
+    doc = json.loads((root / "cases" / "case2" / "landmarks.mrk.json").read_text())
+    point = doc["markups"][0]["controlPoints"][0]
+    point["position"][1] += 5.0  # the clinician's later correction, 5 mm down
+    (root / "cases" / "case2" / "landmarks.mrk.json").write_text(json.dumps(doc))
+    assert coco_path.read_text() == stale
+    cases, _ = read_cases(root)
+    coco = json.loads(coco_path.read_text())
+    case2 = next(c for c in cases if c.case_id == "case2")
+    ann = coco["annotations"][[c.case_id for c in cases].index("case2")]
+    assert np.allclose(np.reshape(ann["keypoints"], (-1, 3))[:, :2], case2.xy, atol=1e-3)
+    assert coco_path.read_text() != stale
+    csv_rows = (root / "landmarks.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + len(cases)

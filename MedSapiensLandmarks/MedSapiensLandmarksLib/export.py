@@ -16,6 +16,7 @@ index from them after an interrupted export (a killed process, a power cut).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -168,8 +169,10 @@ def read_cases(root: str | Path) -> tuple[list[Case], list[tuple[str, str]]]:
     if not (root / "dataset.json").exists():
         raise ExportError(f"{root}: no dataset.json (not an export folder)")
     index = _read_index(root)
-    if recover(root, index):
+    changed = recover(root, index)
+    if changed:
         write_text(root / "dataset.json", json.dumps(index, indent=2) + "\n")
+    if changed or _derived_stale(root, index):
         write_derived(root, index)
     cases = [Case(root / entry["image"], xy, None, "export", entry["id"])
              for entry, _image, xy in _records(root, index)]
@@ -177,8 +180,26 @@ def read_cases(root: str | Path) -> tuple[list[Case], list[tuple[str, str]]]:
     return cases, list(zip(index["landmarks"], descs))
 
 
+def _fingerprint(root: Path, index: dict[str, Any]) -> str:
+    """SHA-256 over the ids and markups of the indexed cases: what the derived files show."""
+    h = hashlib.sha256()
+    for entry in index["cases"]:
+        h.update(entry["id"].encode() + b"\0" + (root / entry["markups"]).read_bytes())
+    return h.hexdigest()
+
+
+def _derived_stale(root: Path, index: dict[str, Any]) -> bool:
+    """True when the COCO file (written last) was not made from the current cases, e.g. an
+    export was killed between the index and the derived files, or while replacing a case."""
+    try:
+        info = json.loads((root / "coco_keypoints.json").read_text())["info"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+    return info.get("cases_sha256") != _fingerprint(root, index)
+
+
 def write_derived(root: Path, index: dict[str, Any]) -> None:
-    """COCO-keypoints JSON and ISBI-style CSV for all cases of the index."""
+    """ISBI-style CSV, then COCO-keypoints JSON (last: it carries the cases' fingerprint)."""
     names = index["landmarks"]
     images, annotations, rows = [], [], []
     for n, (entry, image, xy) in enumerate(_records(root, index), start=1):
@@ -192,13 +213,13 @@ def write_derived(root: Path, index: dict[str, Any]) -> None:
                             "bbox": [0.0, 0.0, float(w), float(h)], "area": float(w * h),
                             "landmark_bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]})
         rows.append([entry["image"], *(f"{v:.3f}" for v in xy.ravel())])
-    coco = {"info": {"description": "MedSapiensLandmarks export"}, "images": images,
-            "annotations": annotations,
-            "categories": [{"id": 1, "name": "anatomy", "supercategory": "anatomy",
-                            "keypoints": list(names), "skeleton": []}]}
-    write_text(root / "coco_keypoints.json", json.dumps(coco, indent=1) + "\n")
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow(["image_path"] + [f"{i}_{a}" for i in range(1, len(names) + 1) for a in ("x", "y")])
     w.writerows(rows)
     write_text(root / "landmarks.csv", out.getvalue())
+    info = {"description": "MedSapiensLandmarks export", "cases_sha256": _fingerprint(root, index)}
+    coco = {"info": info, "images": images, "annotations": annotations,
+            "categories": [{"id": 1, "name": "anatomy", "supercategory": "anatomy",
+                            "keypoints": list(names), "skeleton": []}]}
+    write_text(root / "coco_keypoints.json", json.dumps(coco, indent=1) + "\n")
