@@ -1,6 +1,8 @@
 """Timing of the detection pipeline, stage by stage, against the raw network forward (floor)."""
 from __future__ import annotations
 
+import datetime
+import os
 import platform
 import resource
 import statistics
@@ -115,9 +117,6 @@ def bench_batch(folder: str | Path, model: str = "default", count: int = 20, spa
 
 def markdown(results: dict[str, dict[str, Any]], command: str) -> str:
     """A dated section for docs/benchmarks.md: machine, torch, threads, one table per run."""
-    import datetime
-    import os
-
     first = next(iter(results.values()))
     lines = [f"### bench run {datetime.date.today().isoformat()} ({os.cpu_count()} CPUs, "
              f"{platform.machine()}, torch {torch.__version__}, {first.get('threads')} threads)", "",

@@ -286,6 +286,7 @@ def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Seque
             nets[stage] = LandmarkNet({**specs[stage]["net"], "num_keypoints": len(landmarks)})
     grays = [load_gray(c) for c in train_cases]
     val_images = [read_image(c.image, spacing=c.spacing) for c in val_cases]
+    val_key = "val_mre_mm" if all(im.spacing_known for im in val_images) else "val_mre_px"  # hands
 
     def validate(upto: str) -> Callable[[], dict[str, float]]:
         """Validation MRE of the model as far as ``upto`` (later stages that are new are skipped)."""
@@ -297,8 +298,7 @@ def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Seque
             if not val_cases:
                 return {}
             det = Detector(card, use, device="cpu")
-            unit = "mm" if all(im.spacing_known for im in val_images) else "px"  # hands: no spacing
-            return {f"val_mre_{unit}": mean_radial_error(det, val_cases, val_images)}
+            return {val_key: mean_radial_error(det, val_cases, val_images)}
         return run
 
     def log(record: dict[str, Any]) -> None:
