@@ -3,7 +3,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from MedSapiensLandmarksLib.checkpoints import CheckpointError
+from MedSapiensLandmarksLib.errors import CheckpointError
 from MedSapiensLandmarksLib.detector import Detector
 from MedSapiensLandmarksLib.imageio import read_image
 from MedSapiensLandmarksLib.weights import fetch
@@ -79,7 +79,7 @@ def test_bench_reports_every_stage(ceph_dir):
 def test_model_url_is_fetched_checked_and_loaded(tmp_path, monkeypatch):
     import torch
 
-    from MedSapiensLandmarksLib.checkpoints import resolve
+    from MedSapiensLandmarksLib.cards import resolve
     from official_fixtures import head_state, pretrain_state
 
     monkeypatch.setenv("MEDSAPIENS_CACHE", str(tmp_path / "cache"))
@@ -107,20 +107,10 @@ def test_left_facing_cephalogram_is_detected_like_the_right_facing_one(det, imag
     assert np.allclose(a.confidence, b.confidence, atol=0.02)
 
 
-def test_landmarks_agree_across_thread_counts(det, images):
+def test_landmarks_agree_across_thread_counts(images):
     # Measured: bit-identical on 151.jpg, 2.7e-5 px apart on 301.jpg (float summation order).
-    import torch
-
-    from MedSapiensLandmarksLib.detector import set_threads
-
-    before = torch.get_num_threads()
-    try:
-        set_threads(1)
-        one = det.detect(images[1])
-        set_threads(2)
-        two = det.detect(images[1])
-    finally:
-        torch.set_num_threads(before)
+    one = Detector.load("default", device="cpu", threads=1).detect(images[1])
+    two = Detector.load("default", device="cpu", threads=2).detect(images[1])
     assert np.abs(one.xy - two.xy).max() < 1e-3  # px, i.e. 1e-4 mm
     assert np.abs(one.confidence - two.confidence).max() < 1e-4
 
@@ -151,7 +141,7 @@ def test_bench_batch_and_random_sapiens_path(ceph_dir, tmp_path):
     assert text.startswith("### bench run ") and "4 images" in text and "`bench x`" in text
     assert res["images_per_s"] == pytest.approx(4 / res["seconds"])
     det = sapiens_random("sapiens_tiny")
-    assert det.card["coarse"]["input"]["size"] == [1024, 768] and det.coarse.heatmap_stride == 4
+    assert det.card["coarse"]["input"]["size"] == [1024, 768] and det.nets["coarse"].heatmap_stride == 4
     res = bench_image(ceph_dir / "images" / "151.jpg", repeat=1, det=det)
     assert res["model"] == "sapiens_tiny (random weights)" and res["raw_forward_s"] > 0
     assert res["stages_s"]["forward"] > 0

@@ -25,7 +25,7 @@ KILLS = int(os.environ.get("MEDSAPIENS_KILLS", "12"))
 CHILD = r"""
 import sys
 import numpy as np
-from MedSapiensLandmarksLib.detector import Landmarks
+from MedSapiensLandmarksLib.landmarks import Landmarks
 from MedSapiensLandmarksLib.export import export_case
 from MedSapiensLandmarksLib.imageio import Radiograph
 

@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import SCHEMA
-from MedSapiensLandmarksLib.detector import Landmarks
+from MedSapiensLandmarksLib.landmarks import Landmarks
 from MedSapiensLandmarksLib.imageio import ImageError, read_image
 from MedSapiensLandmarksLib.markups import read_markups, write_csv, write_fcsv, write_markups
 from slicer_helpers import read_markups_with_slicer

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from MedSapiensLandmarksLib.checkpoints import CheckpointError
+from MedSapiensLandmarksLib.errors import CheckpointError
 from MedSapiensLandmarksLib.model import SAPIENS_ARCHS, LandmarkNet
-from MedSapiensLandmarksLib.official import load_official, resize_pos_embed
+from MedSapiensLandmarksLib.detector import Detector
+from MedSapiensLandmarksLib.official import resize_pos_embed
 
 from official_fixtures import ARCH, C, DEPTH, head_state, lora_state, pretrain_state
 
@@ -85,7 +86,7 @@ def test_lora_checkpoint_equals_explicit_lora_forward(tmp_path, x):
     pre, lora, hd = pretrain_state(), lora_state(), head_state(19)
     torch.save(pre, tmp_path / "sapiens_tiny_epoch_1_clean.pth")
     torch.save({"meta": {}, "state_dict": {**lora, **hd}}, tmp_path / "best_EPE.pth")
-    det = load_official(tmp_path / "best_EPE.pth")
+    det = Detector.load(tmp_path / "best_EPE.pth")
     assert det.card["coarse"]["net"]["arch"] == ARCH and len(det.names) == 19 and det.names[0] == "S"
 
     def lora_fn(i, name):
@@ -95,7 +96,7 @@ def test_lora_checkpoint_equals_explicit_lora_forward(tmp_path, x):
     heads = {(i, n): lora_fn(i, n) for i in range(DEPTH) for n in ("qkv", "proj")}
     with torch.no_grad():
         expected = _reference_head(_reference_forward(x, pre, heads), hd)
-        got = det.coarse(x)
+        got = det.nets["coarse"](x)
     assert got.shape == (1, 19, 256, 192)
     assert torch.allclose(got, expected, atol=2e-4), (got - expected).abs().max()
 
@@ -105,18 +106,18 @@ def test_full_finetune_checkpoint_and_multidataset_split(tmp_path, x):
     full = {f"backbone.{k}": v for k, v in pre.items() if k != "cls_token"}
     full["backbone.pos_embed"] = resize_pos_embed(pre["pos_embed"], (64, 48))  # [1, 3072, C]
     torch.save({"state_dict": {**full, **hd}}, tmp_path / "best_EPE_epoch_199.pth")
-    det = load_official(tmp_path / "best_EPE_epoch_199.pth", dataset="hand")
+    det = Detector.load(tmp_path / "best_EPE_epoch_199.pth", dataset="hand")
     assert len(det.names) == 37 and det.card["name"].endswith("hand")
     with torch.no_grad():
         expected = _reference_head(_reference_forward(x, pre, {}), hd, rows=slice(25, 62))
-        got = det.coarse(x)
+        got = det.nets["coarse"](x)
     assert torch.allclose(got, expected, atol=2e-4)
 
 
 def test_lora_only_without_pretrain_names_the_missing_file(tmp_path):
     torch.save({"state_dict": {**lora_state(), **head_state(19)}}, tmp_path / "ckpt.pth")
     with pytest.raises(CheckpointError, match="only LoRA weights.*pretrain"):
-        load_official(tmp_path / "ckpt.pth")
+        Detector.load(tmp_path / "ckpt.pth")
 
 
 def test_missing_and_unexpected_keys_are_named(tmp_path):
@@ -127,7 +128,7 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     hd["head.extra.weight"] = torch.zeros(1)
     torch.save({"state_dict": {**full, **hd}}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError) as err:
-        load_official(tmp_path / "bad.pth")
+        Detector.load(tmp_path / "bad.pth")
     msg = str(err.value)
     assert "vit.blocks.1.norm2.bias" in msg and "head.conv_layers.3.bias" in msg and "head.extra.weight" in msg
 
@@ -145,7 +146,7 @@ def test_pickled_callable_is_refused_without_running(tmp_path):
     with open(tmp_path / "evil.pth", "wb") as f:
         pickle.dump({"state_dict": _Payload(str(marker))}, f)
     with pytest.raises(CheckpointError, match="refused or unreadable"):
-        load_official(tmp_path / "evil.pth")
+        Detector.load(tmp_path / "evil.pth")
     assert not marker.exists()
 
 

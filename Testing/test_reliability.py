@@ -10,7 +10,8 @@ import pytest
 import reliability_corpus
 from conftest import ROOT
 from MedSapiensLandmarksLib import batch
-from MedSapiensLandmarksLib.checkpoints import CheckpointError, load_model
+from MedSapiensLandmarksLib.detector import Detector
+from MedSapiensLandmarksLib.errors import CheckpointError
 from MedSapiensLandmarksLib.cli import main
 from MedSapiensLandmarksLib.imageio import read_image
 from MedSapiensLandmarksLib.markups import read_markups
@@ -137,28 +138,28 @@ def test_truncated_weights_are_refused(hand_copy):
     w = hand_copy / "model.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
-        load_model(hand_copy)
+        Detector.load(hand_copy)
 
 
 def test_card_with_fewer_landmarks_than_the_weights_is_refused(hand_copy):
     _edit_card(hand_copy, lambda c: c["landmarks"].pop())
     with pytest.raises(CheckpointError, match="predict 37 landmarks but the model card names 36"):
-        load_model(hand_copy)
+        Detector.load(hand_copy)
 
 
 def test_card_describing_another_network_names_the_mismatch(hand_copy):
     _edit_card(hand_copy, lambda c: c["coarse"]["net"].update(encoder="resnet34"))
     with pytest.raises(CheckpointError, match="weights do not match the model; missing keys"):
-        load_model(hand_copy)
+        Detector.load(hand_copy)
     _edit_card(hand_copy, lambda c: c["coarse"]["net"].update(encoder="no-such-encoder"))
     with pytest.raises(CheckpointError, match="cannot build the coarse net"):
-        load_model(hand_copy)
+        Detector.load(hand_copy)
 
 
 def test_card_that_is_not_json_is_refused(hand_copy):
     (hand_copy / "model.json").write_text("{ half a card")
     with pytest.raises(CheckpointError, match="not a readable model card"):
-        load_model(hand_copy)
+        Detector.load(hand_copy)
 
 
 def test_shards_split_the_sorted_inputs_without_overlap(monkeypatch):

@@ -180,7 +180,7 @@ def test_finetune_from_exported_cases(ceph_dir, tmp_path, scene):
 
 
 def test_finetune_can_be_cancelled(tmp_path):
-    from MedSapiensLandmarksLib.detector import Landmarks
+    from MedSapiensLandmarksLib.landmarks import Landmarks
     from MedSapiensLandmarksLib.export import export_case
     from MedSapiensLandmarksLib.imageio import Radiograph
     from MedSapiensLandmarksLib.logic import FinetuneJob

@@ -7,7 +7,7 @@ import SimpleITK as sitk
 import torch
 
 from MedSapiensLandmarksLib import training
-from MedSapiensLandmarksLib.checkpoints import load_model
+from MedSapiensLandmarksLib.detector import Detector
 from MedSapiensLandmarksLib.datasets import Case
 from MedSapiensLandmarksLib.imageio import read_image
 from MedSapiensLandmarksLib.model import LandmarkNet
@@ -41,7 +41,7 @@ def cases(tmp_path_factory):
 
 def test_fit_saves_a_model_that_loads_and_detects(tmp_path, cases):
     card = training.fit(cases[:6], cases[6:], NAMES, tmp_path / "m", training.TrainConfig(**CFG))
-    det = load_model(card)
+    det = Detector.load(card)
     assert det.names == ["P1", "P2"] and det.local_stages == ["refine"]
     meta = json.loads(card.read_text())
     assert meta["training"]["train_cases"] == ["000", "001", "002", "003", "004", "005"]
@@ -61,10 +61,12 @@ def test_validation_error_is_logged_in_pixels_when_the_spacing_is_unknown(tmp_pa
 
 
 def test_context_stage_added_to_a_trained_model_runs_before_refine(tmp_path, cases):
-    base = load_model(training.fit(cases[:6], [], NAMES, tmp_path / "base", training.TrainConfig(**CFG)))
+    base = Detector.load(training.fit(cases[:6], [], NAMES, tmp_path / "base", training.TrainConfig(**CFG)),
+                         backend="torch")
     cfg = training.TrainConfig(**{**CFG, "coarse_epochs": 0, "refine_epochs": 0, "context_epochs": 1,
                                   "context_size": (32, 32), "context_fraction": 0.4})
-    det = load_model(training.fit(cases[:6], cases[6:], NAMES, tmp_path / "ctx", cfg, init=base))
+    det = Detector.load(training.fit(cases[:6], cases[6:], NAMES, tmp_path / "ctx", cfg, init=base),
+                        backend="torch")
     assert det.local_stages == ["context", "refine"]
     assert det.card["context"]["input"]["box_fraction"] == 0.4
     for stage in ("coarse", "refine"):  # the init model's stages are carried over unchanged
@@ -115,10 +117,12 @@ def test_interrupted_training_resumes_to_identical_weights(tmp_path, cases):
 
 
 def test_init_from_another_landmark_set_transfers_all_but_the_heads(tmp_path, cases):
-    base = load_model(training.fit(cases[:6], [], NAMES, tmp_path / "base", training.TrainConfig(**CFG)))
+    base = Detector.load(training.fit(cases[:6], [], NAMES, tmp_path / "base", training.TrainConfig(**CFG)),
+                         backend="torch")
     one = [training.Case(c.image, c.xy[:1], c.spacing, c.split, c.case_id) for c in cases]
     cfg = training.TrainConfig(**{**CFG, "coarse_epochs": 1, "refine_epochs": 0, "lr": 0.0})
-    det = load_model(training.fit(one[:6], [], NAMES[:1], tmp_path / "one", cfg, init=base))
+    det = Detector.load(training.fit(one[:6], [], NAMES[:1], tmp_path / "one", cfg, init=base),
+                        backend="torch")
     assert det.names == ["P1"] and det.local_stages == ["refine"]
     got, src = det.nets["coarse"].state_dict(), base.nets["coarse"].state_dict()
     assert got["head.weight"].shape[0] == 1 and src["head.weight"].shape[0] == 2

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
+from .backends import default_threads
 from .detector import Detector
 from .imageio import read_image
 from .markups import write_markups
@@ -32,43 +33,45 @@ def _median_time(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-@torch.inference_mode()
 def raw_forward_seconds(det: Detector, repeat: int) -> float:
     """The floor: every network forward that detection runs, alone, on inputs of the model's
-    size: coarse (a batch of 2 when the mirror orientation is checked) + one batch per local stage."""
+    size: coarse (a batch of 2 when the mirror orientation is checked, x2 with a flip test)
+    + one batch per local stage."""
     inputs = {}
-    for stage, net in det.nets.items():
+    for stage in det.backend.stages:
         spec = det.card[stage]["input"]
         batch = len(det.names) if stage != "coarse" else 2 if spec.get("orientation") == "auto" else 1
-        inputs[stage] = torch.zeros(batch, spec.get("channels", 1), *spec["size"], device=det.device)
-        if det.channels_last and net.config["family"] == "unet":
-            inputs[stage] = inputs[stage].contiguous(memory_format=torch.channels_last)
+        batch *= 2 if spec.get("flip_test") else 1
+        inputs[stage] = np.zeros((batch, spec.get("channels", 1), *spec["size"]), dtype=np.float32)
 
     def run() -> None:
-        for stage, net in det.nets.items():
-            net(inputs[stage])
+        for stage, x in inputs.items():
+            det.backend.run(stage, x)
     run()
     return _median_time(run, repeat)
 
 
 def sapiens_random(arch: str = "sapiens_0.3b", device: str = "cpu") -> Detector:
     """A Sapiens detector with random weights, built as an official checkpoint would be."""
+    import torch
+
+    from .backends import TorchBackend
     from .landmarks import CEPH_19
     from .model import LandmarkNet
-    from .official import INPUT_SIZE, sapiens_detector
+    from .official import INPUT_SIZE, sapiens_card
 
     torch.manual_seed(0)
     net = LandmarkNet({"family": "sapiens", "arch": arch, "input_size": list(INPUT_SIZE),
                        "num_keypoints": len(CEPH_19)})
-    return sapiens_detector(net, CEPH_19, f"{arch} (random weights)", "random", device)
+    card = sapiens_card(net, CEPH_19, f"{arch} (random weights)", "random")
+    return Detector(card, TorchBackend({"coarse": net}, device))
 
 
 def bench_image(image_path: str | Path, model: str = "default", spacing: float | None = 0.1,
-                repeat: int = 5, threads: int | None = None, det: Detector | None = None) -> dict[str, Any]:
+                repeat: int = 5, threads: int | None = None, det: Detector | None = None,
+                backend: str | None = None) -> dict[str, Any]:
     """Median seconds of each stage of ``detect`` on one image, end to end to .mrk.json + PNG."""
-    det = det or Detector.load(model, device="cpu", threads=threads)
-    if threads:
-        torch.set_num_threads(threads)
+    det = det or Detector.load(model, device="cpu", threads=threads, backend=backend)
     image = read_image(image_path, spacing=spacing)
     det.detect(image)  # warm-up
     stages: dict[str, list[float]] = {}
@@ -90,20 +93,20 @@ def bench_image(image_path: str | Path, model: str = "default", spacing: float |
     med = {k: statistics.median(v) for k, v in stages.items()}
     floor = raw_forward_seconds(det, repeat)
     return {"model": det.card.get("name", model), "image": str(image_path), "repeat": repeat,
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "threads": threads or default_threads(), "backend": det.backend.name,
             "cpu": platform.processor() or platform.machine(), "stages_s": med,
             "raw_forward_s": floor, "overhead": med["end_to_end_mrk"] / floor,
             "peak_rss_mb": peak_rss_mb()}
 
 
 def bench_batch(folder: str | Path, model: str = "default", count: int = 20, spacing: float | None = 0.1,
-                workers: int = 1, formats: tuple[str, ...] = ("mrk.json",), threads: int | None = None
-                ) -> dict[str, Any]:
+                workers: int = 1, formats: tuple[str, ...] = ("mrk.json",), threads: int | None = None,
+                backend: str | None = None) -> dict[str, Any]:
     """Throughput of the streaming batch path (`detect` over a folder) on ``count`` images."""
     from .batch import detect_files
-    from .cli import case_stem, expand_inputs
+    from .inputs import case_stem, expand_inputs
 
-    det = Detector.load(model, device="cpu", threads=threads)
+    det = Detector.load(model, device="cpu", threads=threads, backend=backend)
     files = expand_inputs([str(folder)])[:count]
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
@@ -112,14 +115,15 @@ def bench_batch(folder: str | Path, model: str = "default", count: int = 20, spa
         seconds = time.perf_counter() - t0
     return {"images": len(files), "failures": failures, "seconds": seconds,
             "images_per_s": len(files) / seconds, "workers": workers, "formats": list(formats),
-            "threads": torch.get_num_threads(), "peak_rss_mb": peak_rss_mb()}
+            "threads": threads or default_threads(), "backend": det.backend.name,
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def markdown(results: dict[str, dict[str, Any]], command: str) -> str:
-    """A dated section for docs/benchmarks.md: machine, torch, threads, one table per run."""
+    """A dated section for docs/benchmarks.md: machine, backend, threads, one table per run."""
     first = next(iter(results.values()))
     lines = [f"### bench run {datetime.date.today().isoformat()} ({os.cpu_count()} CPUs, "
-             f"{platform.machine()}, torch {torch.__version__}, {first.get('threads')} threads)", "",
+             f"{platform.machine()}, {first.get('backend')} backend, {first.get('threads')} threads)", "",
              f"Command: `{command}`", ""]
     for label, res in results.items():
         if "stages_s" in res:

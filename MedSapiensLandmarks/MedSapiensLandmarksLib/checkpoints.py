@@ -1,85 +1,19 @@
-"""Model files: our own format (safetensors + JSON model card) and official MedSapiens files."""
+"""torch side of model files: build a card's nets, read their weights (safetensors or the
+float16 ONNX graphs, by parameter name), and write a trained model as ONNX + card."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .atomic import atomic_write
+from .cards import CARD_FORMAT_ONNX, STAGES, graph_paths
+from .errors import CheckpointError
 from .model import LandmarkNet
-
-CARD_FORMAT = "medsapiens-landmarks-model/1"
-DEFAULT_MODEL = "ceph-default"
-
-
-class CheckpointError(ValueError):
-    """A model file that cannot be used; the message names the file and the problem."""
-
-
-def models_dir() -> Path:
-    """Shipped models: $MEDSAPIENS_MODELS, else the module's Resources/Models.
-
-    The module folder holds the Lib and Resources side by side both in the source tree and in
-    an installed Slicer extension, so the same relative path works in both.
-    """
-    env = os.environ.get("MEDSAPIENS_MODELS")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "Resources" / "Models"
-
-
-def resolve(model: str | Path) -> Path:
-    """Shipped model name ("default" included), path, or ``URL#sha256=HEX`` -> an existing path.
-
-    URLs are downloaded once into the per-user cache and checked against the SHA256.
-    """
-    name = DEFAULT_MODEL if str(model) == "default" else str(model)
-    if "://" in name:
-        from .weights import fetch
-
-        url, _, digest = name.partition("#sha256=")
-        if len(digest) != 64:
-            raise CheckpointError(f"{url}: a model URL needs '#sha256=<64 hex digits>'")
-        return fetch(url, digest)
-    shipped = models_dir() / name
-    if shipped.is_dir():
-        return shipped / "model.json"
-    path = Path(model)
-    if path.is_dir():
-        path = path / "model.json"
-    if not path.exists():
-        raise CheckpointError(f"{model}: model not found (neither a shipped model in "
-                              f"{models_dir()} nor an existing file)")
-    return path
-
-
-def load_model(model: str | Path = "default", device: str | None = None):
-    """Build a `Detector` from a model card, a model folder, or an official .pth checkpoint."""
-    path = resolve(model)
-    if path.suffix == ".pth":
-        from .official import load_official
-
-        return load_official(path, device=device)
-    return load_card_model(path, device=device)
-
-
-def read_card(path: Path) -> dict[str, Any]:
-    try:
-        card = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not a readable model card ({err})") from None
-    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
-        raise CheckpointError(f"{path}: not a model card (expected \"format\": \"{CARD_FORMAT}\")")
-    for key in ("coarse", "landmarks", "weights"):
-        if key not in card:
-            raise CheckpointError(f"{path}: model card lacks the '{key}' field")
-    return card
-
-
-STAGES = ("coarse", "context", "refine")
 
 
 def build_nets(card: dict[str, Any]) -> dict[str, LandmarkNet]:
@@ -120,38 +54,52 @@ def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: 
     module.load_state_dict(state)
 
 
-def load_card_model(card_path: Path, device: str | None = None):
-    from .detector import Detector
+def card_nets(card: dict[str, Any], card_path: Path) -> dict[str, LandmarkNet]:
+    """The card's torch nets with their trained weights (format 1 safetensors or format 2 ONNX)."""
+    if card["format"] == CARD_FORMAT_ONNX:
+        from .onnx_io import read_graph_weights
 
-    card = read_card(card_path)
-    weights = card_path.parent / card["weights"]
-    if not weights.exists():
-        raise CheckpointError(f"{weights}: weights file named by the model card is missing")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from None
+        state = {f"{stage}.{k}": torch.from_numpy(v)
+                 for stage, path in graph_paths(card, card_path).items()
+                 for k, v in read_graph_weights(path).items()}
+        source = str(card_path)
+    else:
+        weights = card_path.parent / card["weights"]
+        if not weights.exists():
+            raise CheckpointError(f"{weights}: weights file named by the model card is missing")
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from None
+        source = str(weights)
     k = len(card["landmarks"])
     for stage in STAGES:
         bias = state.get(f"{stage}.head.bias", state.get(f"{stage}.head.final_layer.bias"))
         if bias is not None and bias.shape[0] != k:
-            raise CheckpointError(f"{weights}: the {stage} weights predict {bias.shape[0]} landmarks "
+            raise CheckpointError(f"{source}: the {stage} weights predict {bias.shape[0]} landmarks "
                                   f"but the model card names {k}")
     nets = build_nets(card)
-    load_state(torch.nn.ModuleDict(nets), state, str(weights))
-    return Detector(card, nets, device=device).use_channels_last()
+    modules = torch.nn.ModuleDict(nets)
+    # BatchNorm's batch counters are training state that no inference file carries.
+    for key, value in modules.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            state.setdefault(key, value)
+    load_state(modules, {k2: v.float() if v.is_floating_point() else v for k2, v in state.items()}, source)
+    return nets
 
 
-def save_model(out_dir: Path, card: dict[str, Any], nets: dict[str, torch.nn.Module]) -> Path:
-    """Write model.safetensors (keys ``<stage>.<param>``) + model.json atomically into ``out_dir``."""
+def save_model(out_dir: Path, card: dict[str, Any], nets: dict[str, LandmarkNet]) -> Path:
+    """Write ``<stage>.onnx`` (float16 weights) for each net + model.json atomically into ``out_dir``."""
+    from .onnx_io import export_graph
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = torch.nn.ModuleDict(nets).state_dict()
-    # float16 storage halves the file; loading copies back into the float32 parameters
-    state = {k: (v.half() if v.is_floating_point() else v).detach().cpu().contiguous()
-             for k, v in state.items()}
-    card = {**card, "format": CARD_FORMAT, "weights": "model.safetensors"}
-    with atomic_write(out_dir / "model.safetensors") as tmp:
-        save_file(state, str(tmp))
+    graphs = {}
+    for stage, net in nets.items():
+        spec = card[stage]["input"]
+        graphs[stage] = f"{stage}.onnx"
+        export_graph(net, (spec.get("channels", 1), *spec["size"]), out_dir / graphs[stage])
+    card = {k: v for k, v in card.items() if k != "weights"}
+    card = {**card, "format": CARD_FORMAT_ONNX, "graphs": graphs}
     with atomic_write(out_dir / "model.json") as tmp:
         tmp.write_text(json.dumps(card, indent=2) + "\n")
     return out_dir / "model.json"

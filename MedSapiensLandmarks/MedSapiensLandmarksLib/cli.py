@@ -1,4 +1,4 @@
-"""Command line: ``medsapiens-landmarks detect | evaluate | train``."""
+"""Command line: ``medsapiens-landmarks detect | evaluate | train | bench | serve``."""
 from __future__ import annotations
 
 import argparse
@@ -9,35 +9,16 @@ from typing import Sequence
 
 import numpy as np
 
-from .checkpoints import CheckpointError
-from .imageio import ImageError, PLAIN_FORMATS
+from .errors import CheckpointError
+from .imageio import ImageError
+from .inputs import case_stem, expand_inputs
+from .loading import BACKENDS
 
-IMAGE_SUFFIXES = PLAIN_FORMATS | {".dcm", ".nrrd", ".nhdr", ".nii", ".gz", ".mha", ".mhd"}
 FORMATS = ("mrk.json", "fcsv", "csv", "png", "analysis")
 
 
 class UsageError(ValueError):
     """Bad command-line input (exit code 2)."""
-
-
-def expand_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Files as given, folders expanded to their image files (sorted)."""
-    out = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            out += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            out.append(p)
-    return out
-
-
-def case_stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".mrk.json"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 def parse_formats(text: str) -> list[str]:
@@ -110,7 +91,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         print(f"skipping {len(files) - len(todo)} image(s) whose outputs exist", file=sys.stderr)
     if not todo:
         return 2 if clashes else 0
-    det = Detector.load(args.model, device=args.device, threads=args.threads)
+    det = Detector.load(args.model, device=args.device, threads=args.threads, backend=args.backend)
     if args.flip:
         det.card["coarse"]["input"]["flip_test"] = True
     if "analysis" in fmts and tuple(det.names) != CEPH_NAMES:
@@ -144,7 +125,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         truth = np.stack([(c.xy + other[c.case_id]) / 2 for c in cases])
     if args.limit:
         cases, truth = cases[: args.limit], truth[: args.limit]
-    det = Detector.load(args.model, device=args.device, threads=args.threads)
+    det = Detector.load(args.model, device=args.device, threads=args.threads, backend=args.backend)
     if args.flip:
         det.card["coarse"]["input"]["flip_test"] = True
     if truth.shape[1] != len(det.names):
@@ -177,7 +158,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .detector import Detector
     from .export import read_cases
     from .landmarks import CEPH_19, HAND_37, numbered
-    from .training import TrainConfig, fit, mean_radial_error
+    from .training import RECIPES, TrainConfig, fit, mean_radial_error, recipe
 
     if bool(args.csv) == bool(args.cases):
         raise UsageError("give exactly one of --csv (ISBI-style CSV) or --cases (export folder)")
@@ -206,10 +187,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         cases, val = cases[: len(cases) - n_val], cases[len(cases) - n_val:]
     if not cases:
         raise UsageError("no training cases")
-    cfg = TrainConfig(coarse_epochs=args.coarse_epochs, refine_epochs=args.refine_epochs,
-                      context_epochs=args.context_epochs, seed=args.seed, threads=args.threads or 2,
-                      lr=args.lr if args.lr is not None else TrainConfig.lr)
-    init = Detector.load(args.init, device="cpu") if args.init else None
+    if args.recipe not in RECIPES:
+        raise UsageError(f"--recipe: unknown {args.recipe!r}; known: {', '.join(RECIPES)}")
+    cfg = recipe(args.recipe, coarse_epochs=args.coarse_epochs, refine_epochs=args.refine_epochs,
+                 context_epochs=args.context_epochs, seed=args.seed, threads=args.threads or 2,
+                 lr=args.lr if args.lr is not None else TrainConfig.lr)
+    init = Detector.load(args.init, device="cpu", backend="torch") if args.init else None
     same = init is not None and len(init.names) == len(names)
     if init is not None and not same:
         print(f"--init model has {len(init.names)} landmarks, the cases {len(names)}: "
@@ -220,7 +203,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     path = fit(cases, val, names, Path(args.output), cfg, card=card, init=init)
     print(f"model written: {path}")
     if before is not None:
-        after = mean_radial_error(Detector.load(path, device="cpu"), val)
+        after = mean_radial_error(Detector.load(path, device="cpu", backend="torch"), val)
         report = {"val_cases": len(val), "mre_before_mm": before, "mre_after_mm": after,
                   "accepted": after <= before}
         (Path(args.output) / "finetune.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -236,9 +219,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.sapiens:
         runs.append((args.sapiens, lambda: sapiens_random(f"sapiens_{args.sapiens}"), args.sapiens_repeat))
     for label, build, repeat in runs:
-        res = bench_image(args.image, args.model, args.spacing, repeat, args.threads, det=build())
+        res = bench_image(args.image, args.model, args.spacing, repeat, args.threads, det=build(),
+                          backend=args.backend)
         results[label] = res
-        print(f"model {res['model']}, {res['threads']} threads, torch {res['torch']}, "
+        print(f"model {res['model']}, {res['backend']} backend, {res['threads']} threads, "
               f"median of {res['repeat']} runs")
         for stage, seconds in res["stages_s"].items():
             print(f"  {stage:<20}{seconds * 1000:9.1f} ms")
@@ -246,7 +230,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"  overhead end-to-end / floor: {res['overhead']:.2f}x; peak RSS {res['peak_rss_mb']:.0f} MB")
     if args.folder:
         for workers in (0, 1):
-            res = bench_batch(args.folder, args.model, args.count, args.spacing, workers, threads=args.threads)
+            res = bench_batch(args.folder, args.model, args.count, args.spacing, workers, threads=args.threads,
+                              backend=args.backend)
             results[f"batch_workers_{workers}"] = res
             print(f"batch over {res['images']} images of {args.folder} ({workers} reader worker(s), "
                   f"mrk.json): {res['images_per_s']:.2f} images/s, peak RSS {res['peak_rss_mb']:.0f} MB")
@@ -286,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
         sp.add_argument("--threads", type=int, default=None, help="CPU threads")
         sp.add_argument("--flip", action="store_true", help="test-time horizontal flip averaging")
+        sp.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="onnx (default for shipped models on CPU) or torch (GPU, official .pth)")
 
     d = sub.add_parser("detect", help="detect landmarks on images or folders of images")
     d.add_argument("inputs", nargs="+", help="image files or folders")
@@ -337,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train a wide-patch stage between coarse and refine (0: none)")
     t.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default 1e-3; lower it to continue training a model)")
+    t.add_argument("--recipe", default="v1",
+                   help="architecture + augmentation recipe (training.RECIPES: v1, v2)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None)
     t.set_defaults(func=cmd_train)
@@ -346,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--spacing", type=float, default=0.1)
     b.add_argument("--repeat", type=int, default=5)
     b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--backend", choices=BACKENDS, default=None)
     b.add_argument("--folder", default=None, help="also time batch detection over this folder")
     b.add_argument("--count", type=int, default=20, help="images of --folder to use")
     b.add_argument("--sapiens", default=None, choices=["0.3b", "0.6b", "1b", "2b"],

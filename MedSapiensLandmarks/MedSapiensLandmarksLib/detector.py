@@ -1,34 +1,20 @@
-"""Detector API: radiograph -> named landmarks with pixel, physical position and confidence."""
+"""Detector API: radiograph -> named landmarks with pixel, physical position and confidence.
+
+Pre- and post-processing are numpy; the networks run on a `backends.Backend` (ONNX Runtime
+or torch), so detection with a shipped model never imports torch.
+"""
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
+from .backends import Backend
 from .codec import Box, decode_heatmaps, softmax_heatmaps, to_gray, to_uint8_range, warp
 from .imageio import Radiograph
-from .model import LandmarkNet
-
-
-@dataclass
-class Landmarks:
-    """Detection result for one image; positions in original pixels and LPS millimetres."""
-
-    names: list[str]
-    descriptions: list[str]
-    xy: np.ndarray  # (K, 2) pixels, x = column, y = row
-    lps: np.ndarray  # (K, 3) mm
-    confidence: np.ndarray  # (K,) in [0, 1]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
+from .landmarks import Landmarks
 
 LOCAL_STAGES = ("context", "refine")  # optional patch stages, run in this order after coarse
 
@@ -38,91 +24,81 @@ class Detector:
     (``context``: a wide patch around each coarse guess, ``refine``: a small full-resolution one).
     """
 
-    def __init__(self, card: dict[str, Any], nets: dict[str, LandmarkNet],
-                 device: str | None = None) -> None:
+    def __init__(self, card: dict[str, Any], backend: Backend) -> None:
         self.card = card
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.nets = {name: net.to(self.device).eval() for name, net in nets.items() if net is not None}
-        self.coarse = self.nets["coarse"]
-        self.channels_last = False
+        self.backend = backend
         self.names = [lm["name"] for lm in card["landmarks"]]
         self.descriptions = [lm.get("description", lm["name"]) for lm in card["landmarks"]]
         self.timings: dict[str, float] = {}
 
-    def use_channels_last(self) -> "Detector":
-        """CNN nets in channels-last memory on CPU: 15-35 % faster forwards, outputs equal to
-        1e-5 (bench/cpu_fast_path.py). For inference only: it changes the nets' parameters."""
-        if self.device.type == "cpu":
-            for net in self.nets.values():
-                if net.config["family"] == "unet":
-                    net.to(memory_format=torch.channels_last)
-            self.channels_last = True
-        return self
-
     @classmethod
     def load(cls, model: str | Path = "default", device: str | None = None,
-             threads: int | None = None) -> "Detector":
-        """Load ``"default"``, a shipped model name, a model card / folder, or an official .pth."""
-        from .checkpoints import load_model
+             threads: int | None = None, backend: str | None = None, **options: Any) -> "Detector":
+        """Load ``"default"``, a shipped model name, a model card / folder, or an official .pth.
 
-        set_threads(threads)
-        return load_model(model, device=device)
+        ``backend``: "onnx" or "torch" (default: ONNX Runtime for ONNX models on the CPU, torch
+        otherwise); ``options`` go to the official-checkpoint loader (pretrain, anatomy, flip).
+        """
+        from .loading import load_model
 
-    # -- preprocessing -------------------------------------------------------------------
-    def _gray(self, image: Radiograph) -> np.ndarray:
-        return to_uint8_range(to_gray(image.pixels), image.pixels.dtype)
+        card, be = load_model(model, device=device, threads=threads, backend=backend, **options)
+        return cls(card, be)
 
-    def _to_tensor(self, planes: Sequence[torch.Tensor], spec: dict[str, Any]) -> torch.Tensor:
-        x = torch.stack(list(planes))[:, None]  # B, 1, H, W on 0..255
-        chans = spec.get("channels", 1)
-        x = x.expand(-1, chans, -1, -1)
-        mean = torch.tensor(spec["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(spec["std"], dtype=torch.float32).view(1, -1, 1, 1)
-        return ((x - mean) / std).to(self.device)
+    @property
+    def nets(self) -> dict[str, Any]:
+        """The torch nets (torch backend only: training, fine-tuning, benchmarks of the nets)."""
+        nets = getattr(self.backend, "nets", None)
+        if nets is None:
+            raise TypeError(f"the {self.backend.name} backend has no torch nets; load with backend='torch'")
+        return nets
 
-    def _heatmaps(self, net: LandmarkNet, x: torch.Tensor, spec: dict[str, Any]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run a net (optionally with flip test) -> (peak-1 heatmaps, confidence)."""
-        if self.channels_last and net.config["family"] == "unet":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            out = net(x).float()  # on a GPU in bf16 (not measured here: no GPU lent)
-            if spec.get("flip_test"):
-                out = 0.5 * (out + net(x.flip(-1)).float().flip(-1))
+    # -- networks --------------------------------------------------------------------------
+    def _heatmaps(self, stage: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run a stage (with its flip test when the card asks) -> (peak-1 heatmaps, confidence)."""
+        spec = self.card[stage]["input"]
+        if spec.get("flip_test"):  # mmpose flip_mode='heatmap', shift_heatmap=False
+            both = self.backend.run(stage, np.concatenate([x, x[..., ::-1].copy()]))
+            out = 0.5 * (both[:len(x)] + both[len(x):][..., ::-1])
+        else:
+            out = self.backend.run(stage, x)
         if spec.get("activation", "none") == "softmax":
             return softmax_heatmaps(out)
-        return out, out.amax((2, 3)).clamp(0, 1)
+        return out, np.clip(out.max((2, 3)), 0.0, 1.0)
+
+    @staticmethod
+    def _to_input(planes: Sequence[np.ndarray], spec: dict[str, Any]) -> np.ndarray:
+        x = np.stack(planes)[:, None]  # B, 1, H, W on 0..255
+        x = np.broadcast_to(x, (x.shape[0], spec.get("channels", 1), *x.shape[2:]))
+        mean = np.asarray(spec["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(spec["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+        return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
 
     # -- detection -----------------------------------------------------------------------
-    @torch.inference_mode()
     def detect(self, image: Radiograph) -> Landmarks:
         return self.detect_batch([image])[0]
 
-    @torch.inference_mode()
     def detect_batch(self, images: Sequence[Radiograph]) -> list[Landmarks]:
         """Detect on several images; `timings` then holds seconds per stage of this call."""
         clock = _Clock()
         spec = self.card["coarse"]["input"]
         h_in, w_in = spec["size"]
-        grays = [self._gray(im) for im in images]
+        grays = [to_uint8_range(to_gray(im.pixels), im.pixels.dtype) for im in images]
         boxes = [Box.whole_image(*g.shape, aspect=w_in / h_in, padding=spec.get("padding", 1.0))
                  for g in grays]
-        planes = [warp(g, b, (w_in, h_in), spec.get("antialias", False)) for g, b in zip(grays, boxes)]
-        x = self._to_tensor(planes, spec)
+        x = self._to_input([warp(g, b, (w_in, h_in), spec.get("antialias", False))
+                            for g, b in zip(grays, boxes)], spec)
         clock.lap("preprocess")
-        mirrored = torch.zeros(len(images), dtype=torch.bool)
+        n = len(images)
         if spec.get("orientation") == "auto":
             # Also look at the mirror image (a cephalogram facing the other way; one batch with
             # the original) and keep, per image, the orientation the model is more confident about.
-            hm, conf = self._heatmaps(self.coarse, torch.cat([x, x.flip(-1)]), spec)
-            n = len(images)
-            hm, hm_m, conf, conf_m = hm[:n], hm[n:], conf[:n], conf[n:]
-            mirrored = conf_m.mean(1).cpu() > conf.mean(1).cpu()
-            pick = mirrored.to(hm.device)
-            hm = torch.where(pick[:, None, None, None], hm_m, hm)
-            conf = torch.where(pick[:, None], conf_m, conf)
+            hm2, conf2 = self._heatmaps("coarse", np.concatenate([x, x[..., ::-1]]))
+            mirrored = conf2[n:].mean(1) > conf2[:n].mean(1)
+            hm = np.where(mirrored[:, None, None, None], hm2[n:], hm2[:n])
+            conf = np.where(mirrored[:, None], conf2[n:], conf2[:n])
         else:
-            hm, conf = self._heatmaps(self.coarse, x, spec)
+            hm, conf = self._heatmaps("coarse", x)
+            mirrored = np.zeros(n, dtype=bool)
         clock.lap("forward")
         uv, _ = decode_heatmaps(hm)
         clock.lap("decode")
@@ -130,8 +106,7 @@ class Detector:
         uv[mirrored, :, 0] = hm_wh[0] - 1 - uv[mirrored, :, 0]
         results = []
         for i, (image, gray, box) in enumerate(zip(images, grays, boxes)):
-            xy = box.from_grid(uv[i].cpu().numpy(), hm_wh)
-            c = conf[i].cpu().numpy()
+            xy, c = box.from_grid(uv[i], hm_wh), conf[i]
             for stage in self.local_stages:
                 for _ in range(self.card[stage].get("iterations", 1)):
                     xy, c = self._refine(stage, gray, box, xy, bool(mirrored[i]))
@@ -144,7 +119,7 @@ class Detector:
 
     @property
     def local_stages(self) -> list[str]:
-        return [s for s in LOCAL_STAGES if s in self.nets]
+        return [s for s in LOCAL_STAGES if s in self.backend.stages]
 
     def _refine(self, stage: str, gray: np.ndarray, box: Box, xy: np.ndarray, mirrored: bool = False
                 ) -> tuple[np.ndarray, np.ndarray]:
@@ -153,17 +128,16 @@ class Detector:
         ph, pw = spec["size"]
         frac = spec["box_fraction"]
         patches = [Box(float(x), float(y), box.sh * frac * pw / ph, box.sh * frac) for x, y in xy]
-        planes = [warp(gray, p, (pw, ph), spec.get("antialias", False)) for p in patches]
-        x = self._to_tensor(planes, spec)
-        hm, conf = self._heatmaps(self.nets[stage], x.flip(-1) if mirrored else x, spec)
-        k = torch.arange(len(patches))
+        x = self._to_input([warp(gray, p, (pw, ph), spec.get("antialias", False)) for p in patches], spec)
+        hm, conf = self._heatmaps(stage, np.ascontiguousarray(x[..., ::-1]) if mirrored else x)
+        k = np.arange(len(patches))
         hm_k, conf_k = hm[k, k][:, None], conf[k, k]
         uv, _ = decode_heatmaps(hm_k)
         hm_wh = (hm.shape[-1], hm.shape[-2])
         if mirrored:
             uv[..., 0] = hm_wh[0] - 1 - uv[..., 0]
-        out = np.stack([p.from_grid(uv[i, 0].cpu().numpy(), hm_wh) for i, p in enumerate(patches)])
-        return out, conf_k.cpu().numpy()
+        out = np.stack([p.from_grid(uv[i, 0], hm_wh) for i, p in enumerate(patches)])
+        return out, conf_k
 
 
 class _Clock:
@@ -175,10 +149,3 @@ class _Clock:
         now = time.perf_counter()
         self.laps[name] = self.laps.get(name, 0.0) + now - self._t
         self._t = now
-
-
-def set_threads(threads: int | None) -> None:
-    """CPU threads for inference: the given number, else the physical cores (at most 8)."""
-    if threads is None:
-        threads = max(1, min(8, (os.cpu_count() or 2)))
-    torch.set_num_threads(threads)

@@ -30,7 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .datasets import Case
-from .detector import Landmarks
+from .landmarks import Landmarks
 from .imageio import Radiograph, read_image
 from .markups import read_markups, write_markups, write_text
 

@@ -1,5 +1,26 @@
-"""Named landmark sets of the anatomies MedSapiens was trained on."""
+"""Landmark sets of the anatomies MedSapiens was trained on, and the detection result type."""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Landmarks:
+    """Detection result for one image; positions in original pixels and LPS millimetres."""
+
+    names: list[str]
+    descriptions: list[str]
+    xy: np.ndarray  # (K, 2) pixels, x = column, y = row
+    lps: np.ndarray  # (K, 3) mm
+    confidence: np.ndarray  # (K,) in [0, 1]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
 
 # ISBI 2015 cephalometric landmarks (Wang et al. 2016), in dataset order.
 CEPH_19: list[tuple[str, str]] = [

@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .detector import Detector, Landmarks
+from .detector import Detector
+from .landmarks import Landmarks
 from .export import export_case
 from .mrml import (ATTR_CONFIDENCE, ATTR_MODEL, LPS_TO_RAS, corrected_flags, landmarks_to_node,
                    observe_corrections, positions_ras, volume_to_radiograph)

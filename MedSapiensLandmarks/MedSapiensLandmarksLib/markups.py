@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .atomic import atomic_write
-from .detector import Landmarks
+from .landmarks import Landmarks
 
 SCHEMA_URL = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
               "Resources/Schema/markups-schema-v1.0.3.json#")

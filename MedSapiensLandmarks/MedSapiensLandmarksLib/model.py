@@ -94,10 +94,14 @@ class UNetBackbone(nn.Module):
     """timm CNN encoder (features_only) + U-Net decoder up to ``out_stride`` of the input."""
 
     def __init__(self, encoder: str = "resnet18", in_chans: int = 1, out_stride: int = 2,
-                 decoder_channels: tuple[int, ...] = (256, 128, 64, 32)) -> None:
+                 decoder_channels: tuple[int, ...] = (256, 128, 64, 32),
+                 encoder_depth: int | None = None) -> None:
         super().__init__()
+        # encoder_depth: how many feature levels of the encoder to build (default: all); a
+        # small patch needs no stride-32 level.
+        extra = {"out_indices": tuple(range(encoder_depth))} if encoder_depth else {}
         self.encoder = timm.create_model(encoder, features_only=True, in_chans=in_chans,
-                                         pretrained=False)
+                                         pretrained=False, **extra)
         chans = self.encoder.feature_info.channels()
         strides = self.encoder.feature_info.reduction()
         if out_stride not in strides:
@@ -136,7 +140,8 @@ class LandmarkNet(nn.Module):
         elif family == "unet":
             self.backbone = UNetBackbone(config["encoder"], config.get("in_chans", 1),
                                          config.get("out_stride", 2),
-                                         tuple(config.get("decoder_channels", (256, 128, 64, 32))))
+                                         tuple(config.get("decoder_channels", (256, 128, 64, 32))),
+                                         config.get("encoder_depth"))
             self.head = nn.Conv2d(self.backbone.out_channels, k, 1)
         else:
             raise ValueError(f"unknown model family {family!r}; expected 'sapiens' or 'unet'")

@@ -15,7 +15,7 @@ import numpy as np
 import slicer
 import vtk
 
-from .detector import Landmarks
+from .landmarks import Landmarks
 from .imageio import Radiograph, slice_volume
 from .markups import LOW_CONFIDENCE, describe
 

@@ -1,4 +1,4 @@
-"""Official Sapiens / MedSapiens checkpoints (.pth) -> `Detector`.
+"""Official Sapiens / MedSapiens checkpoints (.pth) -> model card + torch net.
 
 - Sapiens pretrain (``sapiens_<size>_epoch_<n>_clean.pth``): MAE encoder with mmpretrain names
   and a 64x64 (+ class slot) sin-cos position table, resized to 64x48 like the original.
@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from .checkpoints import CheckpointError, load_state
+from .checkpoints import load_state
+from .errors import CheckpointError
 from .landmarks import CEPH_19, HAND_37, MEDSAPIENS_MULTI, numbered
 from .model import SAPIENS_ARCHS, LandmarkNet
 
@@ -140,8 +141,12 @@ def _landmarks_for(k: int, dataset: str | None, head: dict[str, torch.Tensor]
 
 
 def load_official(path: str | Path, pretrain: str | Path | None = None, dataset: str | None = None,
-                  device: str | None = None, lora_scales: dict[str, float] | None = None):
-    """Build a `Detector` from an official MedSapiens checkpoint (see module docstring)."""
+                  lora_scales: dict[str, float] | None = None, flip: bool = True
+                  ) -> tuple[dict[str, Any], dict[str, LandmarkNet]]:
+    """Card and net of an official MedSapiens checkpoint (see module docstring).
+
+    ``flip``: heatmap flip test as the original inference config (``flip_test=True``,
+    ``flip_mode='heatmap'``, ``shift_heatmap=False``); False halves the cost."""
     path = Path(path)
     state = read_pth(path)
     head = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
@@ -178,19 +183,17 @@ def load_official(path: str | Path, pretrain: str | Path | None = None, dataset:
     net = LandmarkNet(net_cfg)
     load_state(net, {**{f"backbone.{k2}": v for k2, v in bb.items()},
                      **{f"head.{k2}": v for k2, v in head.items()}}, str(path))
-    return sapiens_detector(net, names, f"medsapiens-{arch}-{dataset}", str(path), device)
+    card = sapiens_card(net, names, f"medsapiens-{arch}-{dataset}", str(path), flip)
+    return card, {"coarse": net}
 
 
-def sapiens_detector(net: LandmarkNet, names: list[tuple[str, str]], name: str, source: str,
-                     device: str | None = None):
-    """A `Detector` around a Sapiens net with the official input framing and normalisation."""
-    from .detector import Detector
-
-    card: dict[str, Any] = {
+def sapiens_card(net: LandmarkNet, names: list[tuple[str, str]], name: str, source: str,
+                 flip: bool = True) -> dict[str, Any]:
+    """Model card of a Sapiens net with the official input framing and normalisation."""
+    return {
         "name": name, "source": source,
         "coarse": {"net": net.config, "input": {"size": list(INPUT_SIZE), "padding": 1.25, "channels": 3,
                                                 "mean": MEAN, "std": STD, "antialias": False,
-                                                "activation": "none", "flip_test": False}},
+                                                "activation": "none", "flip_test": flip}},
         "landmarks": [{"name": n, "description": d} for n, d in names],
     }
-    return Detector(card, {"coarse": net}, device=device)

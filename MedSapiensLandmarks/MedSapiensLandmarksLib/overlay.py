@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .atomic import atomic_write
 from .codec import to_gray, to_uint8_range
-from .detector import Landmarks
+from .landmarks import Landmarks
 from .imageio import Radiograph
 from .markups import LOW_CONFIDENCE
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .detector import Landmarks
+from .landmarks import Landmarks
 from .evaluation import Evaluation
 from .imageio import read_image
 from .overlay import write_overlay

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from torchvision import tv_tensors
 
 from .atomic import atomic_write
-from .codec import Box, encode_heatmaps, to_gray, to_uint8_range, warp
+from .codec import Box, to_gray, to_uint8_range, warp
 from .datasets import Case
 from .imageio import read_image
 from .metrics import radial_errors
@@ -38,6 +38,12 @@ class TrainConfig:
     context_size: tuple[int, int] = (64, 64)
     context_fraction: float = 0.14  # the optional wide-patch stage between coarse and refine
     encoder: str = "resnet18"
+    coarse_decoder: tuple[int, ...] = (256, 128, 64, 32)
+    refine_decoder: tuple[int, ...] = (256, 128, 64, 32)
+    refine_depth: int | None = None  # encoder levels of the local nets (None: all)
+    scale_range: tuple[float, float] = (0.9, 1.1)  # coarse affine scale augmentation
+    patch_scale: float = 0.1  # local patches: log-uniform scale jitter +-
+    site_shift: float = 0.0  # probability of each scanner/site change (borders, marks, JPEG)
     coarse_epochs: int = 40
     context_epochs: int = 0
     refine_epochs: int = 25
@@ -52,10 +58,36 @@ class TrainConfig:
     checkpoint_every_s: float = 60.0  # resumable checkpoint at most this often (and at the end)
 
 
+# Named recipes (configs as data): "v1" trained the models of release 0.1; "v2" is the
+# <= 30 MB recipe: a 512x416 whole-image stage with a slim decoder, a small patch net, and
+# augmentation for what differs between sites (pixel size, collimation, burned-in marks, JPEG).
+RECIPES: dict[str, dict[str, Any]] = {
+    "v1": {},
+    "v2": dict(coarse_size=(512, 416), coarse_decoder=(128, 64, 32, 32), refine_decoder=(64, 32),
+               refine_depth=3, scale_range=(0.8, 1.25), patch_scale=0.2, site_shift=0.3),
+}
+
+
+def recipe(name: str, **overrides: Any) -> TrainConfig:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+    return TrainConfig(**{**RECIPES[name], **overrides})
+
+
 def load_gray(case: Case) -> np.ndarray:
     """Original-resolution grey image on 0..255 as uint8 (compact for in-memory caching)."""
     img = read_image(case.image, spacing=case.spacing)
     return np.clip(to_uint8_range(to_gray(img.pixels), img.pixels.dtype), 0, 255).astype(np.uint8)
+
+
+def encode_heatmaps(xy: torch.Tensor, hm_wh: tuple[int, int], sigma: float) -> torch.Tensor:
+    """UDP Gaussian targets (peak 1) for keypoints (..., K, 2) given in heatmap pixels."""
+    w, h = hm_wh
+    gx = torch.arange(w, dtype=xy.dtype, device=xy.device)
+    gy = torch.arange(h, dtype=xy.dtype, device=xy.device)
+    dx2 = (gx - xy[..., 0:1]) ** 2  # (..., K, W)
+    dy2 = (gy - xy[..., 1:2]) ** 2  # (..., K, H)
+    return torch.exp(-(dy2[..., :, None] + dx2[..., None, :]) / (2 * sigma ** 2))
 
 
 def softmax_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -79,6 +111,36 @@ class _Photometric:
         return self.noise(self.blur(self.jitter(img))).clamp(0, 1)
 
 
+class _SiteShift:
+    """What changes between scanners and sites, on a [0, 1] plane (1, H, W), each with
+    probability ``p``: a collimation border, burned-in marks (text, rulers), JPEG compression."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+        self.jpeg = v2.JPEG(quality=(25, 90))
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if self.p <= 0:
+            return img
+        img = img.clone()
+        _, h, w = img.shape
+        if random.random() < self.p:  # collimation: one to two bands at the edges, dark or bright
+            for _ in range(random.randint(1, 2)):
+                side, frac = random.randrange(4), random.uniform(0.02, 0.15)
+                value = random.choice([0.0, random.uniform(0.0, 0.2), 1.0])
+                n = int(frac * (h if side < 2 else w))
+                region = [img[:, :n], img[:, h - n:], img[:, :, :n], img[:, :, w - n:]][side]
+                region.fill_(value)
+        if random.random() < self.p:  # burned-in text blocks and ruler-like bars
+            for _ in range(random.randint(1, 4)):
+                bh, bw = random.randint(2, max(3, h // 12)), random.randint(2, max(3, w // 6))
+                y, x = random.randrange(h - bh), random.randrange(w - bw)
+                img[:, y:y + bh, x:x + bw] = random.uniform(0.8, 1.0)
+        if random.random() < self.p:
+            img = self.jpeg((img * 255).round().to(torch.uint8)).float() / 255.0
+        return img
+
+
 def _normalise(plane01: torch.Tensor, spec: dict[str, Any]) -> torch.Tensor:
     """[0, 1] grey plane(s) (1, H, W) -> the model's input channels and normalisation."""
     x = (plane01 * 255.0).expand(spec.get("channels", 1), -1, -1)
@@ -97,16 +159,18 @@ class CoarseSet(torch.utils.data.Dataset):
     """Whole images framed as the coarse ``spec`` says, affine + photometric augmentation."""
 
     def __init__(self, cases: Sequence[Case], grays: Sequence[np.ndarray], spec: dict[str, Any],
-                 augment: bool) -> None:
+                 augment: bool, cfg: TrainConfig | None = None) -> None:
+        cfg = cfg or TrainConfig()
         h, w = spec["size"]
         self.items = []
         for case, gray in zip(cases, grays):
             box = image_box(gray.shape, spec)
-            plane = warp(gray, box, (w, h), antialias=spec.get("antialias", False)) / 255.0
+            plane = torch.from_numpy(warp(gray, box, (w, h), antialias=spec.get("antialias", False)) / 255.0)
             self.items.append((plane, torch.tensor(box.to_grid(case.xy, (w, h)), dtype=torch.float32)))
         self.spec, self.size, self.augment = spec, (h, w), augment
-        self.affine = v2.RandomAffine(degrees=8, translate=(0.04, 0.04), scale=(0.9, 1.1))
+        self.affine = v2.RandomAffine(degrees=8, translate=(0.04, 0.04), scale=tuple(cfg.scale_range))
         self.photo = _Photometric()
+        self.site = _SiteShift(cfg.site_shift)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -116,7 +180,7 @@ class CoarseSet(torch.utils.data.Dataset):
         img = tv_tensors.Image(plane[None])
         if self.augment:
             img, kp = self.affine(img, tv_tensors.KeyPoints(kp, canvas_size=self.size))
-            img = self.photo(img)
+            img = self.site(self.photo(torch.as_tensor(img)))
         return _normalise(torch.as_tensor(img), self.spec), torch.as_tensor(kp)
 
 
@@ -127,6 +191,7 @@ class PatchSet(torch.utils.data.Dataset):
                  coarse_spec: dict[str, Any], cfg: TrainConfig, augment: bool) -> None:
         self.cases, self.grays, self.augment = cases, grays, augment
         self.spec, self.coarse_spec, self.jitter = spec, coarse_spec, cfg.refine_jitter
+        self.patch_scale = cfg.patch_scale
         self.k = len(cases[0].xy)
         self.photo = _Photometric()
         self.rng = np.random.default_rng(cfg.seed)
@@ -143,9 +208,9 @@ class PatchSet(torch.utils.data.Dataset):
         scale = 1.0
         if self.augment:
             centre = centre + self.rng.normal(0, self.jitter * sh, 2)
-            scale = math.exp(self.rng.uniform(-0.1, 0.1))
+            scale = math.exp(self.rng.uniform(-self.patch_scale, self.patch_scale))
         patch = Box(float(centre[0]), float(centre[1]), sh * scale * pw / ph, sh * scale)
-        plane = warp(gray, patch, (pw, ph), antialias=self.spec.get("antialias", False))[None] / 255.0
+        plane = torch.from_numpy(warp(gray, patch, (pw, ph), antialias=self.spec.get("antialias", False))[None] / 255.0)
         kp = torch.tensor(patch.to_grid(case.xy[k:k + 1], (pw, ph)), dtype=torch.float32)
         if self.augment:
             img, kp = v2.RandomRotation(10)(tv_tensors.Image(plane),
@@ -241,12 +306,15 @@ def net_specs(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
     common = {"channels": 1, "mean": GRAY_MEAN, "std": GRAY_STD, "antialias": True,
               "activation": "softmax"}
     net = {"family": "unet", "encoder": cfg.encoder, "in_chans": 1, "out_stride": 2}
+    local = {**net, "decoder_channels": list(cfg.refine_decoder),
+             **({"encoder_depth": cfg.refine_depth} if cfg.refine_depth else {})}
     return {
-        "coarse": {"net": dict(net), "input": {**common, "size": list(cfg.coarse_size), "padding": 1.0}},
-        "context": {"net": dict(net), "input": {**common, "size": list(cfg.context_size),
-                                                "box_fraction": cfg.context_fraction}},
-        "refine": {"net": dict(net), "input": {**common, "size": list(cfg.refine_size),
-                                               "box_fraction": cfg.refine_fraction}},
+        "coarse": {"net": {**net, "decoder_channels": list(cfg.coarse_decoder)},
+                   "input": {**common, "size": list(cfg.coarse_size), "padding": 1.0}},
+        "context": {"net": dict(local), "input": {**common, "size": list(cfg.context_size),
+                                                  "box_fraction": cfg.context_fraction}},
+        "refine": {"net": dict(local), "input": {**common, "size": list(cfg.refine_size),
+                                                 "box_fraction": cfg.refine_fraction}},
     }
 
 
@@ -259,7 +327,9 @@ def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Seque
     different landmark set, everything but the output layers is transferred); a stage it lacks
     is trained from scratch when its epoch count is > 0.
     """
-    from .checkpoints import STAGES, save_model
+    from .backends import TorchBackend
+    from .cards import STAGES
+    from .checkpoints import save_model
     from .detector import Detector
 
     torch.set_num_threads(cfg.threads)
@@ -297,7 +367,7 @@ def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Seque
         def run() -> dict[str, float]:
             if not val_cases:
                 return {}
-            det = Detector(card, use, device="cpu")
+            det = Detector(card, TorchBackend(use, "cpu", cfg.threads, channels_last=False))
             return {val_key: mean_radial_error(det, val_cases, val_images)}
         return run
 
@@ -313,7 +383,7 @@ def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Seque
             continue
         spec = card[stage]["input"]
         if stage == "coarse":
-            data, batch = CoarseSet(train_cases, grays, cs, True), cfg.batch_size
+            data, batch = CoarseSet(train_cases, grays, cs, True, cfg), cfg.batch_size
         else:
             data, batch = PatchSet(train_cases, grays, spec, cs, cfg, True), cfg.refine_batch_size
         run_stage(stage, net, data, tuple(spec["size"][::-1]), cfg, epochs[stage], batch, work,

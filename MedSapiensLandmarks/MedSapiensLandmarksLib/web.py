@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .cli import IMAGE_SUFFIXES
+from .inputs import IMAGE_SUFFIXES
 from .export import ExportError
 from .imageio import ImageError, Radiograph, read_image
 from .logic import FinetuneJob, LandmarksLogic

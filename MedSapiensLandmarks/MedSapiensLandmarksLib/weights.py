@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from .checkpoints import CheckpointError
+from .errors import CheckpointError
 
 
 def cache_dir() -> Path:

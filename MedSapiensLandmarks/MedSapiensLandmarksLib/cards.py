@@ -1,0 +1,90 @@
+"""Model cards (JSON) and where model files are found; no torch, no onnxruntime.
+
+A card names the landmarks, each stage's network and input framing, and the weights:
+format 2 (``"graphs": {stage: file.onnx}``, float16 weights, what ships) or format 1
+(``"weights": "model.safetensors"``, read by the torch backend).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+
+CARD_FORMAT_ONNX = "medsapiens-landmarks-model/2"
+CARD_FORMAT_SAFETENSORS = "medsapiens-landmarks-model/1"
+DEFAULT_MODEL = "ceph-default"
+STAGES = ("coarse", "context", "refine")
+
+
+def models_dir() -> Path:
+    """Shipped models: $MEDSAPIENS_MODELS, else the module's Resources/Models.
+
+    The module folder holds the Lib and Resources side by side both in the source tree and in
+    an installed Slicer extension, so the same relative path works in both.
+    """
+    env = os.environ.get("MEDSAPIENS_MODELS")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "Resources" / "Models"
+
+
+def shipped_models() -> list[str]:
+    """Names of the models in `models_dir` (folders holding a model.json)."""
+    root = models_dir()
+    return sorted(p.parent.name for p in root.glob("*/model.json")) if root.is_dir() else []
+
+
+def resolve(model: str | Path) -> Path:
+    """Shipped model name ("default" included), path, or ``URL#sha256=HEX`` -> an existing path.
+
+    URLs are downloaded once into the per-user cache and checked against the SHA256.
+    """
+    name = DEFAULT_MODEL if str(model) == "default" else str(model)
+    if "://" in name:
+        from .weights import fetch
+
+        url, _, digest = name.partition("#sha256=")
+        if len(digest) != 64:
+            raise CheckpointError(f"{url}: a model URL needs '#sha256=<64 hex digits>'")
+        return fetch(url, digest)
+    shipped = models_dir() / name
+    if shipped.is_dir():
+        return shipped / "model.json"
+    path = Path(model)
+    if path.is_dir():
+        path = path / "model.json"
+    if not path.exists():
+        raise CheckpointError(f"{model}: model not found (neither a shipped model in "
+                              f"{models_dir()} nor an existing file)")
+    return path
+
+
+def read_card(path: Path) -> dict[str, Any]:
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not a readable model card ({err})") from None
+    formats = (CARD_FORMAT_ONNX, CARD_FORMAT_SAFETENSORS)
+    if not isinstance(card, dict) or card.get("format") not in formats:
+        raise CheckpointError(f"{path}: not a model card (expected \"format\": one of {', '.join(formats)})")
+    weights_key = "graphs" if card["format"] == CARD_FORMAT_ONNX else "weights"
+    for key in ("coarse", "landmarks", weights_key):
+        if key not in card:
+            raise CheckpointError(f"{path}: model card lacks the '{key}' field")
+    return card
+
+
+def graph_paths(card: dict[str, Any], card_path: Path) -> dict[str, Path]:
+    """Stage -> ONNX file of a format-2 card, each checked to exist."""
+    graphs = card["graphs"]
+    if not isinstance(graphs, dict) or "coarse" not in graphs or set(graphs) - set(STAGES):
+        raise CheckpointError(f"{card_path}: 'graphs' must map stages ({', '.join(STAGES)}) to "
+                              f".onnx files, with 'coarse' among them")
+    paths = {stage: card_path.parent / graphs[stage] for stage in STAGES if stage in graphs}
+    for stage, path in paths.items():
+        if stage not in card:
+            raise CheckpointError(f"{card_path}: graph for stage '{stage}' but no '{stage}' entry")
+        if not path.exists():
+            raise CheckpointError(f"{path}: ONNX graph named by the model card is missing")
+    return paths
