@@ -9,12 +9,12 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Union
 
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
@@ -39,7 +39,9 @@ class MedSapiensLandmarks(ScriptedLoadableModule):
 
 @parameterNodeWrapper
 class MedSapiensLandmarksParameterNode:
-    inputVolume: vtkMRMLScalarVolumeNode
+    # Grey radiographs load as scalar volumes, colour PNG/JPEG/BMP as vector volumes (the .ui
+    # shows exactly these two classes: no label maps).
+    inputVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode]
     sliceIndex: Annotated[int, WithinRange(0, 100000)] = 0
     model: str = "default"
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
@@ -56,9 +58,14 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
+        self._watched = None  # markups node whose point moves refresh the table
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.timeout.connect(self._pollFinetune)
+        self._tableTimer = qt.QTimer()  # table refresh while a point is dragged: at most 5/s
+        self._tableTimer.setSingleShot(True)
+        self._tableTimer.setInterval(200)
+        self._tableTimer.timeout.connect(self._fillTable)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -80,8 +87,12 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def cleanup(self) -> None:
         self.removeObservers()
         self._timer.stop()
+        self._tableTimer.stop()
+        if self._job is not None:
+            self._job.cancel()
+            self._job = None
         if self.logic:
-            self.logic.core.cleanup()
+            self.logic.cleanup()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -94,15 +105,18 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
+        self._watch(None)
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
+        from MedSapiensLandmarksLib.mrml import first_radiograph_volume
+
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            first = first_radiograph_volume(slicer.mrmlScene)
             if first:
                 self._parameterNode.inputVolume = first
 
@@ -127,9 +141,27 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.exportButton.enabled = has_points
         self.ui.finetuneButton.enabled = bool(p) and self._job is None
         self.ui.cancelButton.enabled = self._job is not None
+        self._watch(p.landmarks if p else None)
         self._fillTable()
 
+    def _watch(self, node) -> None:
+        """Follow the selected markups node, however it got there (Detect, the selector, a
+        scene load): corrections are recorded by the logic, point moves refresh the table."""
+        if node is self._watched:
+            return
+        if self._watched is not None:
+            self.removeObserver(self._watched, self._watched.PointModifiedEvent, self._onPointModified)
+        self._watched = node
+        if node is not None:
+            self.logic.core.observe(node)
+            self.addObserver(node, node.PointModifiedEvent, self._onPointModified)
+
+    def _onPointModified(self, caller, event) -> None:
+        if not self._tableTimer.isActive():
+            self._tableTimer.start()
+
     def _fillTable(self) -> None:
+        from MedSapiensLandmarksLib.markups import LOW_CONFIDENCE
         from MedSapiensLandmarksLib.mrml import table_rows
 
         table = self.ui.landmarkTable
@@ -137,24 +169,23 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         rows = table_rows(node) if node else []
         table.setRowCount(len(rows))
         for r, row in enumerate(rows):
-            cells = [row["name"], f"{row['confidence']:.2f}", "yes" if row["corrected"] else ""]
+            cells = [row["name"], f"{row['confidence']:.2f}", "verified" if row["corrected"] else ""]
             for c, text in enumerate(cells):
                 item = qt.QTableWidgetItem(text)
                 item.setData(qt.Qt.UserRole, row["index"])
-                if row["confidence"] < 0.5:
+                if row["confidence"] < LOW_CONFIDENCE and not row["corrected"]:
                     item.setForeground(qt.QBrush(qt.QColor("red")))
                 table.setItem(r, c, item)
-
-    def _observeLandmarks(self, node) -> None:
-        self.addObserver(node, node.PointEndInteractionEvent, lambda caller, event: self._updateGui())
 
     def _device(self):
         return None if self._parameterNode.device == "auto" else self._parameterNode.device
 
     def onDetect(self) -> None:
+        from MedSapiensLandmarksLib.cards import backend_kind
+
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Landmark detection failed.", waitCursor=True):
-            if not self.logic.ensureDependencies():
+            if not self.logic.ensureDependencies(backend_kind(p.model)):
                 return
             self.ui.statusLabel.text = "Detecting..."
             slicer.app.processEvents()
@@ -164,7 +195,6 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                                           device=self._device())
             if p.landmarks is not node:
                 p.landmarks = node
-                self._observeLandmarks(node)
             self.ui.statusLabel.text = f"{node.GetNumberOfControlPoints()} landmarks; drag to correct."
             self._updateGui()
 
@@ -196,6 +226,8 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         out = Path(p.exportFolder).parent / "models" / qt.QDateTime.currentDateTime().toString("yyyyMMdd-hhmmss")
         python = shutil.which("PythonSlicer") or os.path.join(slicer.app.slicerHome, "bin", "PythonSlicer")
         with slicer.util.tryWithErrorDisplay("Could not start fine-tuning.", waitCursor=True):
+            if not self.logic.ensureDependencies("torch"):
+                return
             self._job = FinetuneJob(p.exportFolder, out, init=p.model, python=python)
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = "Fine-tuning..."
@@ -213,21 +245,32 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         result = job.result()
         self._job = None
         self.ui.progressBar.value = 100
-        if result["returncode"] != 0:
+        status = result["status"]
+        self.ui.statusLabel.text = f"Fine-tuning {status}."
+        if status == "failed":
             slicer.util.errorDisplay("Fine-tuning failed:\n" + "\n".join(result["log_tail"]))
-        elif result["accepted"] and slicer.util.confirmYesNoDisplay(
-                f"Fine-tuned model: MRE {result['mre_after_mm']:.2f} mm on held-back cases "
-                f"(was {result['mre_before_mm']:.2f} mm). Use it?"):
-            self._parameterNode.model = result["model"]
-        elif not result["accepted"]:
-            slicer.util.infoDisplay("The fine-tuned model was not better on held-back cases; "
-                                    "the current model is kept.")
-        self._updateGui()
+        elif status == "accepted":
+            self._offerModel(result["model"], f"Fine-tuned model: MRE {result['mre_after_mm']:.2f} mm on "
+                             f"held-back cases (was {result['mre_before_mm']:.2f} mm). Use it?")
+        elif status == "rejected":
+            slicer.util.infoDisplay(
+                f"The fine-tuned model was not better on held-back cases (MRE {result['mre_after_mm']:.2f} "
+                f"vs {result['mre_before_mm']:.2f} mm); the current model is kept.")
+        elif status == "unvalidated":
+            self._offerModel(result["model"], "Fine-tuned on too few cases to hold any back for a "
+                             "check (export at least 2). Use the new model anyway?")
+        if self._parameterNode:  # None after File > Close Scene during the run
+            self._updateGui()
+
+    def _offerModel(self, model: str, question: str) -> None:
+        if self._parameterNode and slicer.util.confirmYesNoDisplay(question):
+            self._parameterNode.model = model
 
     def onCancel(self) -> None:
         if self._job is not None:
+            self.ui.statusLabel.text = "Cancelling fine-tuning..."
+            slicer.app.processEvents()
             self._job.cancel()
-            self.ui.statusLabel.text = "Fine-tuning cancelled."
 
 
 class MedSapiensLandmarksLogic(ScriptedLoadableModuleLogic):
@@ -241,10 +284,13 @@ class MedSapiensLandmarksLogic(ScriptedLoadableModuleLogic):
         return MedSapiensLandmarksParameterNode(super().getParameterNode())
 
     @staticmethod
-    def ensureDependencies() -> bool:
+    def ensureDependencies(kind: str = "onnx") -> bool:
+        """Packages for ``kind`` of work ("onnx": Detect with a shipped model; "torch":
+        Fine-tune, official checkpoints). Never installs in testing mode."""
         from MedSapiensLandmarksLib.install import ensure_dependencies
 
-        return ensure_dependencies(ask=not slicer.app.commandOptions().testingEnabled)
+        testing = slicer.app.testingEnabled()
+        return ensure_dependencies(kind, ask=not testing, testing=testing)
 
     @property
     def core(self):
@@ -254,9 +300,16 @@ class MedSapiensLandmarksLogic(ScriptedLoadableModuleLogic):
             self._core = LandmarksLogic(slicer.mrmlScene)
         return self._core
 
+    def cleanup(self) -> None:
+        if self._core is not None:
+            self._core.cleanup()
+            self._core = None
+
 
 class MedSapiensLandmarksTest(ScriptedLoadableModuleTest):
-    """Runs in real Slicer: detect -> correct -> re-detect -> export on a synthetic radiograph."""
+    """Runs in real Slicer: detect -> correct -> re-detect -> export on a synthetic radiograph.
+
+    Skipped (never installs anything in testing mode) when onnxruntime is not installed."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -270,11 +323,12 @@ class MedSapiensLandmarksTest(ScriptedLoadableModuleTest):
 
         import numpy as np
 
+        logic = MedSapiensLandmarksLogic()
+        if not logic.ensureDependencies("onnx"):
+            logging.info("MedSapiensLandmarks test skipped: onnxruntime is not installed")
+            return
         from MedSapiensLandmarksLib.mrml import corrected_flags
 
-        logic = MedSapiensLandmarksLogic()
-        if not logic.ensureDependencies():
-            self.skipTest("dependencies not installed")
         rng = np.random.default_rng(0)
         arr = (rng.random((1, 480, 400)) * 50 + 100).astype(np.uint8)
         volume = slicer.util.addVolumeFromArray(arr, ijkToRAS=np.diag([-0.2, -0.2, 1.0, 1.0]),
@@ -283,11 +337,11 @@ class MedSapiensLandmarksTest(ScriptedLoadableModuleTest):
         self.assertEqual(node.GetNumberOfControlPoints(), 19)
         moved = np.array(node.GetNthControlPointPosition(2)) + [2.0, 0.0, 0.0]
         node.SetNthControlPointPosition(2, *moved)
-        node.InvokeEvent(node.PointEndInteractionEvent)
         self.assertTrue(corrected_flags(node)[2])
         logic.core.detect(volume, markups_node=node)
         self.assertTrue(np.allclose(node.GetNthControlPointPosition(2), moved))
         with tempfile.TemporaryDirectory() as out:
             case = logic.core.export(volume, node, out)
             self.assertTrue((case / "landmarks.mrk.json").exists())
+        logic.cleanup()
         logging.info("MedSapiensLandmarks test passed")

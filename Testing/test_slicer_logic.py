@@ -1,10 +1,13 @@
 """The module logic against real Slicer MRML (slicer-core): detect, correct, re-detect, export."""
 import json
+import sys
+import time
 
 import jsonschema
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import vtk
 
 from conftest import SCHEMA
 from MedSapiensLandmarksLib.datasets import read_landmark_csv
@@ -86,11 +89,13 @@ def test_correction_is_recorded_kept_on_redetect_and_survives_save(ceph_dir, tmp
     logic = LandmarksLogic(scene)
     node = logic.detect(vol)
     moved = np.array(node.GetNthControlPointPosition(4)) + [1.5, -2.0, 0.0]
+    doubtful = [i for i in range(19) if not node.GetNthControlPointSelected(i)]
+    # a move from the Markups module's table: PointModifiedEvent only, no drag events
     node.SetNthControlPointPosition(4, *moved)
-    assert corrected_flags(node) == [False] * 19  # not until the drag ends
-    node.InvokeEvent(node.PointEndInteractionEvent)
     flags = corrected_flags(node)
     assert flags[4] and sum(flags) == 1
+    assert node.GetNthControlPointSelected(4)  # verified: shown in the confident colour
+    assert [i for i in range(19) if not node.GetNthControlPointSelected(i)] == [i for i in doubtful if i != 4]
     node.SetNthControlPointLocked(7, True)
     locked_pos = np.array(node.GetNthControlPointPosition(7)) + [0.0, 3.0, 0.0]
     node.SetNthControlPointPosition(7, *locked_pos)
@@ -195,4 +200,137 @@ def test_finetune_can_be_cancelled(tmp_path):
     job.cancel()
     result = job.wait(timeout=60)
     assert result["returncode"] != 0 and result["model"] is None and not result["accepted"]
+    assert result["status"] == "cancelled"
     assert not (tmp_path / "model" / "model.json").exists()
+
+
+LAUNCHER = """#!/bin/sh
+# Like Slicer's PythonSlicer (CTK's launcher): runs the real interpreter as its child, which
+# inherits the output pipe, and forwards no signal to it.
+"{python}" -c 'import time; print("started", flush=True); time.sleep(600)' &
+echo $! > "{pidfile}"
+wait
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to read it counts as gone)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
+def test_cancel_stops_the_launcher_and_the_interpreter_it_started(tmp_path):
+    from MedSapiensLandmarksLib.logic import FinetuneJob
+
+    pidfile = tmp_path / "child.pid"
+    launcher = tmp_path / "PythonSlicer"
+    launcher.write_text(LAUNCHER.format(python=sys.executable, pidfile=pidfile))
+    launcher.chmod(0o755)
+    job = FinetuneJob(tmp_path / "cases", tmp_path / "model", python=str(launcher))
+    deadline = time.time() + 30
+    while not (pidfile.exists() and pidfile.read_text().strip() and job.lines) and time.time() < deadline:
+        time.sleep(0.05)
+    child = int(pidfile.read_text())
+    assert _alive(job.proc.pid) and _alive(child) and job.running
+    job.cancel(timeout=10)
+    assert not _alive(job.proc.pid) and not _alive(child)
+    assert not job.running  # the pipe the child held is closed: the reader thread ended
+    assert job.result()["status"] == "cancelled"
+
+
+def test_corrections_after_close_scene_are_recorded_on_the_reused_node_id(ceph_dir, tmp_path, scene):
+    """File > Close Scene resets node IDs: the next patient's node gets the same ID."""
+    logic = LandmarksLogic(scene)
+    first = logic.detect(load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path, "151")))
+    first_id = first.GetID()
+    scene.Clear(False)
+    vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path, "152"))
+    node = logic.detect(vol)
+    assert node.GetID() == first_id and node is not first
+    moved = np.array(node.GetNthControlPointPosition(9)) + [0.0, 2.5, 0.0]
+    node.SetNthControlPointPosition(9, *moved)  # the drag
+    node.InvokeEvent(node.PointEndInteractionEvent)
+    assert corrected_flags(node)[9]
+    logic.detect(vol, markups_node=node)  # re-detect keeps the corrected point
+    assert np.allclose(node.GetNthControlPointPosition(9), moved)
+    case = logic.export(vol, node, tmp_path / "export")
+    doc = json.loads((case / "landmarks.mrk.json").read_text())
+    assert doc["markups"][0]["medsapiens"]["corrected"][9] and sum(doc["markups"][0]["medsapiens"]["corrected"]) == 1
+    logic.cleanup()
+
+
+def test_a_node_picked_by_the_user_is_observed(ceph_dir, tmp_path, scene):
+    """A markups node that Detect did not create (selector, scene reload) still records drags."""
+    logic = LandmarksLogic(scene)
+    vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path))
+    node = logic.detect(vol)
+    storage = scene.AddNewNodeByClass("vtkMRMLMarkupsJsonStorageNode")
+    storage.SetFileName(str(tmp_path / "saved.mrk.json"))
+    assert storage.WriteData(node)
+    loaded = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    storage.SetFileName(str(tmp_path / "saved.mrk.json"))
+    assert storage.ReadData(loaded)
+    for i, attr in enumerate(("MedSapiens.DetectedRAS", "MedSapiens.Confidence")):
+        loaded.SetAttribute(attr, node.GetAttribute(attr))  # as a saved scene (.mrml) keeps them
+    logic.observe(loaded)
+    logic.observe(loaded)  # idempotent
+    loaded.SetNthControlPointPosition(2, *(np.array(loaded.GetNthControlPointPosition(2)) + [3.0, 0, 0]))
+    assert corrected_flags(loaded) == [i == 2 for i in range(19)]
+
+
+def test_landmarks_follow_the_volume_parent_transform(ceph_dir, tmp_path, scene):
+    vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path))
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 40.0)
+    matrix.SetElement(1, 3, -12.5)
+    matrix.SetElement(0, 1, 0.2)  # a shear: no confusion with a plain offset
+    transform.SetMatrixTransformToParent(matrix)
+    vol.SetAndObserveTransformNodeID(transform.GetID())
+    logic = LandmarksLogic(scene)
+    node = logic.detect(vol)
+    assert node.GetTransformNodeID() == transform.GetID()
+    # local point positions are the volume's local RAS; in the world both move together
+    lm = logic.detector().detect(read_image(ceph_dir / "images" / "151.jpg"))
+    local = pixel_to_ras(vol, lm.xy)
+    m = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    world = (np.c_[local, np.ones(19)] @ m.T)[:, :3]
+    got = np.array([node.GetNthControlPointPositionWorld(i) for i in range(19)])
+    assert np.abs(got - world).max() < 0.01
+    image, current = logic.current_landmarks(vol, node)
+    assert np.abs(current.xy - lm.xy).max() < 1e-3  # export reads the same pixels back
+
+
+def test_first_radiograph_volume_skips_label_maps(scene):
+    from MedSapiensLandmarksLib.mrml import first_radiograph_volume
+
+    assert first_radiograph_volume(scene) is None
+    scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "seg")
+    scene.AddNewNodeByClass("vtkMRMLDiffusionTensorVolumeNode", "dti")
+    rgb = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "rgb")
+    scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "gray")
+    assert first_radiograph_volume(scene) is rgb
+
+
+def test_rgb_vector_volume_is_detected(ceph_dir, tmp_path, scene):
+    """Slicer loads a colour PNG/JPEG as a vtkMRMLVectorVolumeNode: the panel must accept it."""
+    itk = sitk.ReadImage(str(ceph_dir / "images" / "151.jpg"))
+    gray = sitk.GetArrayFromImage(itk)
+    gray = gray[..., 0] if gray.ndim == 3 else gray
+    rgb = np.repeat(gray[None, :, :, None], 3, axis=3)
+    vol = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "rgb151")
+    vol.SetSpacing(0.1, 0.1, 1.0)
+    vol.SetIJKToRASDirections(-1, 0, 0, 0, -1, 0, 0, 0, 1)
+    import vtk.util.numpy_support as ns
+    data = vtk.vtkImageData()
+    data.SetDimensions(rgb.shape[2], rgb.shape[1], 1)
+    data.GetPointData().SetScalars(ns.numpy_to_vtk(rgb.reshape(-1, 3), deep=True))
+    vol.SetAndObserveImageData(data)
+    logic = LandmarksLogic(scene)
+    node = logic.detect(vol)
+    lm = logic.detector().detect(read_image(ceph_dir / "images" / "151.jpg"))
+    got = np.array([node.GetNthControlPointPosition(i) for i in range(19)])
+    assert np.abs(got - pixel_to_ras(vol, lm.xy)).max() < 0.01

@@ -1,15 +1,19 @@
-"""Streaming batch detection: images are read by DataLoader workers while the model runs.
+"""Streaming batch detection: images are read by worker processes while the model runs.
 
 Memory stays bounded (at most ``workers * prefetch`` decoded images wait in the queue) and a
-bad file only costs its own result: the worker hands back the error instead of raising.
+bad file only costs its own result: the worker hands back the error instead of raising, and
+a worker that dies (a decoder crashing in native code) costs only the file it was reading.
+No torch: the standard library's process pool does the reading.
 """
 from __future__ import annotations
 
+import multiprocessing
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
-
-import torch
 
 from .imageio import ImageError, Radiograph, read_image
 
@@ -21,56 +25,60 @@ class Item:
     error: str | None = None
 
 
-class ImageStream(torch.utils.data.Dataset):
-    """Reads one image per index; returns an `Item` carrying the image or the error message."""
+def read_item(path: Path, read_kwargs: dict[str, Any]) -> Item:
+    """One image, or the reason it cannot be read."""
+    try:
+        return Item(path, image=read_image(path, **read_kwargs))
+    except (ImageError, OSError, MemoryError) as err:
+        return Item(path, error=str(err))
 
-    def __init__(self, paths: Sequence[Path], **read_kwargs: Any) -> None:
-        self.paths, self.read_kwargs = list(paths), read_kwargs
 
-    def __len__(self) -> int:
-        return len(self.paths)
+def _pool(workers: int) -> ProcessPoolExecutor:
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
 
-    def __getitem__(self, i: int) -> Item:
-        path = self.paths[i]
+
+def _alone(path: Path, read_kwargs: dict[str, Any]) -> Item:
+    """Re-read one file in a fresh worker: a second crash blames that file."""
+    with _pool(1) as pool:
         try:
-            return Item(path, image=read_image(path, **self.read_kwargs))
-        except (ImageError, OSError, MemoryError) as err:
-            return Item(path, error=str(err))
-
-
-def _single(items: list[Item]) -> Item:
-    return items[0]
-
-
-def _loader(paths: Sequence[Path], workers: int, prefetch: int, read_kwargs: dict[str, Any]
-            ) -> Iterator[Item]:
-    return iter(torch.utils.data.DataLoader(
-        ImageStream(paths, **read_kwargs), batch_size=1, collate_fn=_single, num_workers=workers,
-        prefetch_factor=prefetch if workers > 0 else None))
+            return pool.submit(read_item, path, read_kwargs).result()
+        except BrokenProcessPool:
+            return Item(path, error=f"{path}: the image reader crashed on this file")
 
 
 def stream_images(paths: Sequence[Path], workers: int = 1, prefetch: int = 2,
                   **read_kwargs: Any) -> Iterator[Item]:
-    """Yield an `Item` per path, in order; ``workers`` > 0 reads in background processes.
-
-    If a worker dies (a decoder crashing on a hostile file), the next pending file is re-read
-    alone in a fresh worker: a second crash blames that file, otherwise the stream goes on.
-    """
-    paths, start = list(paths), 0
+    """Yield an `Item` per path, in order; ``workers`` > 0 reads in background processes."""
+    paths = list(paths)
+    if workers == 0:
+        yield from (read_item(p, read_kwargs) for p in paths)
+        return
+    start = 0
     while start < len(paths):
+        pool = _pool(workers)
+        queue: deque[Future] = deque()
+        nxt = start
         try:
-            for item in _loader(paths[start:], workers, prefetch, read_kwargs):
+            while start < len(paths):
+                while nxt < len(paths) and len(queue) < workers * prefetch:
+                    queue.append(pool.submit(read_item, paths[nxt], read_kwargs))
+                    nxt += 1
+                try:
+                    item = queue[0].result()
+                except BrokenProcessPool:  # a worker died: retry this file alone, then go on
+                    item = _alone(paths[start], read_kwargs)
+                    start += 1
+                    yield item
+                    break
+                queue.popleft()
                 start += 1
                 yield item
-        except RuntimeError as err:
-            if workers == 0 or "exited unexpectedly" not in str(err):
-                raise
-            try:
-                item = next(_loader(paths[start:start + 1], 1, 1, read_kwargs))
-            except RuntimeError:
-                item = Item(paths[start], error=f"{paths[start]}: the image reader crashed on this file")
-            start += 1
-            yield item
+        finally:
+            for f in queue:
+                f.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 SUFFIXES = {"mrk.json": ".mrk.json", "fcsv": ".fcsv", "csv": ".csv", "png": ".overlay.png",

@@ -88,3 +88,10 @@ def graph_paths(card: dict[str, Any], card_path: Path) -> dict[str, Path]:
         if not path.exists():
             raise CheckpointError(f"{path}: ONNX graph named by the model card is missing")
     return paths
+
+
+def backend_kind(model: str | Path) -> str:
+    """"onnx" when ``model`` runs on ONNX Runtime (a format-2 card), else "torch" (decides which
+    packages Slicer must install before Detect); reads only the card."""
+    path = resolve(model)
+    return "onnx" if path.suffix != ".pth" and read_card(path)["format"] == CARD_FORMAT_ONNX else "torch"

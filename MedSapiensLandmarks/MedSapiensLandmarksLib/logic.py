@@ -1,11 +1,14 @@
 """Module logic without Qt: detect into markups, export corrected cases, fine-tune in background.
 
 Used by the Slicer module (``MedSapiensLandmarks.py``), the browser front end and the tests,
-against real MRML (Slicer or slicer-core).
+against real MRML (Slicer or slicer-core). Imports neither torch nor onnxruntime: a backend
+is only built when a model is first run.
 """
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -15,25 +18,36 @@ from typing import Any, Callable
 import numpy as np
 
 from .detector import Detector
-from .landmarks import Landmarks
 from .export import export_case
+from .landmarks import Landmarks
 from .mrml import (ATTR_CONFIDENCE, ATTR_MODEL, LPS_TO_RAS, corrected_flags, landmarks_to_node,
                    observe_corrections, positions_ras, volume_to_radiograph)
 
 
 class LandmarksLogic:
-    """Detect / correct / export / fine-tune over one MRML scene."""
+    """Detect / correct / export / fine-tune over one MRML scene.
+
+    Correction observers are keyed by the node object, not its ID: `vtkMRMLScene::Clear()`
+    (File > Close Scene) resets the ID counter, so the next patient's node reuses the ID.
+    """
 
     def __init__(self, scene: Any) -> None:
         self.scene = scene
         self._detectors: dict[tuple[str, str | None], Detector] = {}
-        self._observed: dict[str, tuple[Any, int]] = {}
+        self._observed: dict[Any, int] = {}
 
     def detector(self, model: str = "default", device: str | None = None) -> Detector:
         key = (str(model), device)
         if key not in self._detectors:
             self._detectors[key] = Detector.load(model, device=device)
         return self._detectors[key]
+
+    def observe(self, markups_node: Any) -> None:
+        """Track corrections on this node (a node picked by the user, or loaded from a scene)."""
+        for node in [n for n in self._observed if not self.scene.IsNodePresent(n)]:
+            node.RemoveObserver(self._observed.pop(node))  # nodes gone with a closed scene
+        if markups_node is not None and markups_node not in self._observed:
+            self._observed[markups_node] = observe_corrections(markups_node)
 
     def detect(self, volume_node: Any, model: str = "default", markups_node: Any | None = None,
                slice_index: int | None = None, axis: int = 2, device: str | None = None) -> Any:
@@ -42,8 +56,7 @@ class LandmarksLogic:
         lm = self.detector(model, device).detect(image)
         node = landmarks_to_node(self.scene, lm, markups_node,
                                  name=f"{volume_node.GetName()} landmarks", volume_node=volume_node)
-        if node.GetID() not in self._observed:
-            self._observed[node.GetID()] = (node, observe_corrections(node))
+        self.observe(node)
         return node
 
     def current_landmarks(self, volume_node: Any, markups_node: Any, slice_index: int | None = None,
@@ -68,19 +81,26 @@ class LandmarksLogic:
                            corrected_flags(markups_node), overwrite=overwrite)
 
     def cleanup(self) -> None:
-        for node, tag in self._observed.values():
+        for node, tag in self._observed.items():
             node.RemoveObserver(tag)
         self._observed.clear()
+
+
+# Fine-tuning recipe of the Fine-tune button (see docs/benchmarks.md, "Fine-tune recipe").
+FINETUNE_EPOCHS = {"coarse_epochs": 5, "refine_epochs": 3}
 
 
 class FinetuneJob:
     """``medsapiens-landmarks train --cases ... --init ...`` in a child process.
 
-    A reader thread collects its output, so `progress` and `running` never block a GUI.
+    A reader thread collects its output, so `progress` and `running` never block a GUI. The
+    child leads its own process group (session): inside Slicer ``python`` is the PythonSlicer
+    launcher, which runs the real interpreter as its child, and `cancel` must stop both.
     """
 
     def __init__(self, cases_dir: str | Path, out_dir: str | Path, init: str = "default",
-                 coarse_epochs: int = 5, refine_epochs: int = 3, python: str | None = None,
+                 coarse_epochs: int = FINETUNE_EPOCHS["coarse_epochs"],
+                 refine_epochs: int = FINETUNE_EPOCHS["refine_epochs"], python: str | None = None,
                  on_line: Callable[[str], None] | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.total = coarse_epochs + refine_epochs
@@ -88,9 +108,10 @@ class FinetuneJob:
                str(cases_dir), "--init", str(init), "-o", str(out_dir), "--coarse-epochs",
                str(coarse_epochs), "--refine-epochs", str(refine_epochs)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     cwd=str(Path(__file__).resolve().parents[1]))
+                                     cwd=str(Path(__file__).resolve().parents[1]), **_own_group())
         self.lines: list[str] = []
         self.epochs_done = 0
+        self.cancelled = False
         self._reader = threading.Thread(target=self._read, args=(on_line,), daemon=True)
         self._reader.start()
 
@@ -111,10 +132,23 @@ class FinetuneJob:
     def progress(self) -> float:
         return min(1.0, self.epochs_done / max(1, self.total))
 
-    def cancel(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
+    def cancel(self, timeout: float = 10.0) -> None:
+        """Stop the whole process tree (launcher and interpreter): TERM, then KILL."""
+        if self.proc.poll() is not None:
+            return
+        self.cancelled = True
+        if os.name == "nt":  # the launcher does not forward signals; taskkill /T walks the tree
+            subprocess.run(["taskkill", "/PID", str(self.proc.pid), "/T", "/F"], capture_output=True,
+                           **_own_group())
+        else:
+            _signal_group(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(self.proc.pid, signal.SIGKILL)  # stragglers of the group, if any
+        self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=timeout)
 
     def wait(self, timeout: float | None = None) -> dict[str, Any]:
         self.proc.wait(timeout=timeout)
@@ -122,10 +156,36 @@ class FinetuneJob:
         return self.result()
 
     def result(self) -> dict[str, Any]:
-        """Exit code and the before/after comparison; ``accepted`` only if not worse."""
+        """Outcome: ``status`` is "cancelled", "failed", "accepted", "rejected" (worse on the
+        held-back cases) or "unvalidated" (too few cases to hold any back)."""
         code = self.proc.wait()
         report_path = self.out_dir / "finetune.json"
         report = json.loads(report_path.read_text()) if code == 0 and report_path.exists() else {}
-        return {"returncode": code, "model": str(self.out_dir / "model.json") if code == 0 else None,
-                "accepted": bool(report.get("accepted", False)), **report,
-                "log_tail": self.lines[-5:]}
+        if self.cancelled:
+            status = "cancelled"
+        elif code != 0:
+            status = "failed"
+        elif not report:
+            status = "unvalidated"
+        else:
+            status = "accepted" if report.get("accepted") else "rejected"
+        return {"returncode": code, "status": status,
+                "model": str(self.out_dir / "model.json") if code == 0 and not self.cancelled else None,
+                "accepted": status == "accepted", **report, "log_tail": self.lines[-5:]}
+
+
+def _own_group() -> dict[str, Any]:
+    """Popen options: a new process group/session, and no console window on Windows."""
+    if os.name != "nt":
+        return {"start_new_session": True}
+    info = subprocess.STARTUPINFO()
+    info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
+    info.wShowWindow = 0  # SW_HIDE
+    return {"startupinfo": info, "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,10 +1,12 @@
 """MRML side of the core (real Slicer or slicer-core): volume nodes in, markups nodes out.
 
-Corrections are tracked on ``PointEndInteractionEvent`` (fired once when a drag ends): a point
-whose position differs from what the model put there is marked corrected. The flags live in
-the node (attribute, and " [corrected]" in the point description, so they survive saving the
-node as .mrk.json as well as saving the scene), and re-detection never moves a corrected or
-locked point.
+Corrections are tracked on ``PointModifiedEvent`` (a drag in a view, an edit in the Markups
+module's table, a script): a point whose position differs from what the model put there is
+marked corrected and shown as verified (the confident colour). The flags live in the node
+(attribute, and " [corrected]" in the point description, so they survive saving the node as
+.mrk.json as well as saving the scene), and re-detection never moves a corrected or locked
+point. A new markups node is put under the volume's parent transform, so points and image
+move together.
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ import numpy as np
 import slicer
 import vtk
 
-from .landmarks import Landmarks
 from .imageio import Radiograph, slice_volume
+from .landmarks import Landmarks
 from .markups import LOW_CONFIDENCE, describe
 
 ATTR_DETECTED = "MedSapiens.DetectedRAS"
@@ -26,6 +28,7 @@ ATTR_MODEL = "MedSapiens.Model"
 ATTR_VOLUME = "MedSapiens.VolumeID"
 CORRECTED_TAG = " [corrected]"
 LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
+RADIOGRAPH_VOLUME_CLASSES = ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode")
 CONFIDENT_COLOUR = (0.2, 0.85, 0.3)  # "selected" colour of the markups display node
 DOUBTFUL_COLOUR = (1.0, 0.25, 0.2)  # unselected: low-confidence points
 
@@ -62,10 +65,15 @@ def corrected_flags(node: Any) -> list[bool]:
 
 
 def _set_corrected(node: Any, flags: list[bool]) -> None:
+    """Store the flags; a corrected point is verified by the user, so it shows as confident."""
+    was = node.StartModify()
     node.SetAttribute(ATTR_CORRECTED, ",".join("1" if f else "0" for f in flags))
     for i, flag in enumerate(flags):
         desc = node.GetNthControlPointDescription(i).removesuffix(CORRECTED_TAG)
         node.SetNthControlPointDescription(i, desc + (CORRECTED_TAG if flag else ""))
+        if flag:
+            node.SetNthControlPointSelected(i, True)
+    node.EndModify(was)
 
 
 def record_corrections(node: Any, tolerance_mm: float = 1e-4) -> list[int]:
@@ -86,8 +94,8 @@ def record_corrections(node: Any, tolerance_mm: float = 1e-4) -> list[int]:
 
 
 def observe_corrections(node: Any) -> int:
-    """Record corrections each time a point drag ends; returns the observer tag."""
-    return node.AddObserver(node.PointEndInteractionEvent, lambda caller, event: record_corrections(caller))
+    """Record corrections each time a point moves (drag, table edit); returns the observer tag."""
+    return node.AddObserver(node.PointModifiedEvent, lambda caller, event: record_corrections(caller))
 
 
 def landmarks_to_node(scene: Any, lm: Landmarks, node: Any | None = None, name: str = "Landmarks",
@@ -100,6 +108,8 @@ def landmarks_to_node(scene: Any, lm: Landmarks, node: Any | None = None, name: 
     if node is None:
         node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
         node.CreateDefaultDisplayNodes()
+        if volume_node is not None:  # points are in the volume's local frame: same parent
+            node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
     k = len(lm)
     ras = lm.lps * LPS_TO_RAS
     if node.GetNumberOfControlPoints() != k:
@@ -130,6 +140,15 @@ def landmarks_to_node(scene: Any, lm: Landmarks, node: Any | None = None, name: 
         display.SetSelectedColor(*CONFIDENT_COLOUR)
         display.SetColor(*DOUBTFUL_COLOUR)
     return node
+
+
+def first_radiograph_volume(scene: Any) -> Any | None:
+    """The first grey or colour image volume of the scene (never a label map, DTI or DWI)."""
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+        if node.GetClassName() in RADIOGRAPH_VOLUME_CLASSES:
+            return node
+    return None
 
 
 def table_rows(node: Any) -> list[dict[str, Any]]:
