@@ -23,7 +23,7 @@ BLOCK = textwrap.dedent("""
     sys.path[:0] = [%r, %r]
 """) % (str(ROOT / "MedSapiensLandmarks"), str(ROOT / "Testing"))
 LIGHT = ["analysis", "atomic", "backends", "batch", "bench", "cards", "cli", "codec", "datasets",
-         "detector", "errors", "evaluation", "export", "imageio", "inputs", "install", "landmarks",
+         "detector", "errors", "evaluation", "export", "gateway", "imageio", "inputs", "install", "landmarks",
          "loading", "logic", "markups", "metrics", "mrml", "overlay", "report", "weights", "web"]
 TORCH = ["checkpoints", "model", "official", "onnx_io", "training"]
 

@@ -1,8 +1,9 @@
 """Browser front end, end to end in headless Chromium (Debian's package) driven by Playwright.
 
-The server runs as `medsapiens-landmarks serve` on a free loopback port; the test uploads a
+The server runs as `medsapiens-landmarks serve` on a free loopback port; one test uploads a
 cephalogram, detects, drags a point in the slice view, exports and fine-tunes, and leaves a
-screenshot in $MEDSAPIENS_ARTIFACTS (default: the test's temporary folder).
+screenshot in $MEDSAPIENS_ARTIFACTS (default: the test's temporary folder); another opens the
+page as two people at once (two browser contexts) and checks that each sees only their own.
 """
 import json
 import os
@@ -31,12 +32,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(tmp_path):
+def start_server(tmp_path, *extra):
     port, export = free_port(), tmp_path / "cases"
+    (tmp_path / "tmp").mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "MedSapiensLandmarksLib.cli", "serve", "--port", str(port),
-                             "--export-dir", str(export)], cwd=ROOT / "MedSapiensLandmarks",
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--export-dir", str(export), *extra], cwd=ROOT / "MedSapiensLandmarks",
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
     deadline = time.time() + 120
     while time.time() < deadline:
         with socket.socket() as s:
@@ -44,9 +46,20 @@ def server(tmp_path):
                 break
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.5)
-    yield f"http://127.0.0.1:{port}/", export
+    return proc, f"http://127.0.0.1:{port}/", export
+
+
+@pytest.fixture
+def server(tmp_path):
+    proc, url, export = start_server(tmp_path)
+    yield url, export
     proc.terminate()
     proc.wait(timeout=30)
+
+
+def session_folder(export):
+    (folder,) = [p for p in export.iterdir() if p.is_dir()]  # one browser session, one folder
+    return folder
 
 
 def state(page, key):
@@ -93,10 +106,13 @@ def test_detect_drag_export_finetune_in_a_real_browser(server, ceph_dir, tmp_pat
         moved = np.subtract(after["Go"]["position"], before["Go"]["position"])
         assert np.linalg.norm(moved) > 2.0  # mm, at 0.1 mm/pixel
         assert not any(after[n]["corrected"] for n in after if n != "Go")
-        assert page.inner_text("#landmarks tbody tr:has(td.name:text-is('Go')) td.corrected") == "corrected"
+        assert page.inner_text("#landmarks tbody tr:has(td.name:text-is('Go')) td.corrected") == "verified"
+        go_style = page.get_attribute("#landmarks tbody tr:has(td.name:text-is('Go'))", "style") or ""
+        assert "255, 82, 82" not in go_style and "#ff5252" not in go_style  # no longer flagged red
         page.click("#export")
         page.wait_for_function("document.querySelector('#status').innerText.startsWith('exported 151')")
         page.screenshot(path=str(artifacts / "web-detect-drag-export.png"))
+        export = session_folder(export)
         doc = read_markups(export / "cases" / "151" / "landmarks.mrk.json")
         assert doc["extra"]["corrected"][k] and sum(doc["extra"]["corrected"]) == 1
         ras = doc["lps"][k] * [-1, -1, 1]
@@ -107,7 +123,68 @@ def test_detect_drag_export_finetune_in_a_real_browser(server, ceph_dir, tmp_pat
         page.wait_for_function("document.querySelector('#status').innerText.startsWith('fine-tuned model')",
                                timeout=300_000)
         browser.close()
-    assert (export.parent / "cases-model" / "model.json").exists()
+    assert (export.parent / f"{export.name}-model" / "model.json").exists()
+
+
+def _get(url):
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+@needs_chromium
+def test_two_people_each_see_only_their_own_patient(tmp_path, ceph_dir):
+    from playwright.sync_api import sync_playwright
+
+    proc, url, export = start_server(tmp_path, "--token", "s3cret-token", "--max-sessions", "2",
+                                     "--session-timeout", "4")
+    try:
+        assert _get(url) == 403 and _get(url + "?token=wrong") == 403  # no token, no page
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            pages = {}
+            for who, case in (("alice", "151"), ("bob", "152")):
+                context = browser.new_context(viewport={"width": 1200, "height": 800})
+                page = context.new_page()
+                page.set_default_timeout(120_000)
+                page.goto(url + "?token=s3cret-token")
+                page.wait_for_selector("#detect")
+                assert state(page, "rows") == [] and state(page, "case_id") == ""  # nothing of alice's
+                page.fill("#spacing", "0.1")
+                page.set_input_files("input[type=file]", str(ceph_dir / "images" / f"{case}.jpg"))
+                page.wait_for_function(f"document.querySelector('#status').innerText.startsWith('{case}.jpg')")
+                page.click("#detect")
+                page.wait_for_function("document.querySelectorAll('#landmarks tbody tr').length == 19")
+                page.click("#export")
+                page.wait_for_function(f"document.querySelector('#status').innerText.startsWith('exported {case}')")
+                pages[who] = (context, page, case)
+            # a third person is turned away while two sessions are open
+            assert _get(url + "?token=s3cret-token") == 503
+            for who, (context, page, case) in pages.items():
+                assert state(page, "case_id") == case and case in page.inner_text("#status")
+            rows = {who: {r["name"]: r["position"] for r in state(page, "rows")} for who, (_, page, _) in pages.items()}
+            assert rows["alice"]["S"] != rows["bob"]["S"]
+            folders = sorted(p for p in export.iterdir() if p.is_dir())
+            assert len(folders) == 2
+            assert sorted(sorted(c.name for c in (f / "cases").iterdir()) for f in folders) == [["151"], ["152"]]
+            uploads = list((tmp_path / "tmp").glob("medsapiens-uploads-*/*"))
+            assert len(uploads) == 2 and all(any(u.iterdir()) for u in uploads)
+            pages["alice"][0].close()  # alice closes her page: her session ends, her uploads go
+            deadline = time.time() + 60
+            while time.time() < deadline and len(list((tmp_path / "tmp").glob("medsapiens-uploads-*/*"))) > 1:
+                time.sleep(0.5)
+            assert len(list((tmp_path / "tmp").glob("medsapiens-uploads-*/*"))) == 1
+            assert state(pages["bob"][1], "case_id") == "152"  # bob is unaffected
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert not list((tmp_path / "tmp").glob("medsapiens-uploads-*"))  # server stop: nothing left
 
 
 @pytest.mark.parametrize("name", ["../etc/passwd.png", "a/b.png", "..png", ".hidden.png", "x.exe",

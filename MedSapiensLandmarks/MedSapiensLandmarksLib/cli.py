@@ -247,16 +247,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .web import serve
+        import aiohttp  # noqa: F401  (the gateway's proxy)
+        import trame_slicer  # noqa: F401
     except ImportError as err:
         raise UsageError(f"the web front end needs trame-slicer ({err}); "
                          "pip install 'medsapiens-landmarks[web]'") from None
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.allow_remote:
+    from .gateway import LOOPBACK, serve
+
+    if args.host not in LOOPBACK and not args.allow_remote:
         raise UsageError(f"--host {args.host} exposes patient images to the network; "
-                         "add --allow-remote if that is intended")
-    print(f"serving on http://{args.host}:{args.port}/ (exports go to {Path(args.export_dir).resolve()})",
-          flush=True)
-    serve(args.host, args.port, args.export_dir, args.model)
+                         "add --allow-remote if that is intended (an access token is then required)")
+    if args.max_sessions < 1:
+        raise UsageError("--max-sessions must be at least 1")
+    serve(args.host, args.port, args.export_dir, args.model, token=args.token,
+          max_sessions=args.max_sessions, idle_s=args.session_timeout)
     return 0
 
 
@@ -351,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--export-dir", default="medsapiens-cases", help="where Export writes cases")
     w.add_argument("--model", default="default")
     w.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
+    w.add_argument("--token", default=None,
+                   help="access token (default: generated and printed when not on loopback)")
+    w.add_argument("--max-sessions", type=int, default=4, help="browsers served at once (one worker each)")
+    w.add_argument("--session-timeout", type=float, default=120.0,
+                   help="seconds after its page closes before a session ends and its uploads are deleted")
     w.set_defaults(func=cmd_serve)
     return p
 

@@ -42,6 +42,10 @@ class LandmarksLogic:
             self._detectors[key] = Detector.load(model, device=device)
         return self._detectors[key]
 
+    def add_detector(self, model: str, detector: Detector, device: str | None = None) -> None:
+        """Use an already loaded detector for ``model`` (loaded before the scene libraries)."""
+        self._detectors[(str(model), device)] = detector
+
     def observe(self, markups_node: Any) -> None:
         """Track corrections on this node (a node picked by the user, or loaded from a scene)."""
         for node in [n for n in self._observed if not self.scene.IsNodePresent(n)]:

@@ -2,7 +2,8 @@
 
 The page holds one Slicer slice view (rendered by slicer-core on the server, streamed by
 trame-rca) and a side panel.  All the work is done by the module's own `LandmarksLogic`
-on the trame-slicer scene, exactly as in desktop Slicer.
+on the trame-slicer scene, exactly as in desktop Slicer. One process serves one browser
+session (`python -m MedSapiensLandmarksLib.web`, started by the `gateway`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .inputs import IMAGE_SUFFIXES
+from .detector import Detector
 from .export import ExportError
 from .imageio import ImageError, Radiograph, read_image
 from .logic import FinetuneJob, LandmarksLogic
@@ -54,7 +56,8 @@ class LandmarksWebApp:
     """trame server + slicer-core scene + the module logic."""
 
     def __init__(self, server: Any = None, export_dir: str | Path = "medsapiens-cases",
-                 model: str = "default") -> None:
+                 model: str = "default", uploads: str | Path | None = None,
+                 detector: Detector | None = None) -> None:
         from trame.app import get_server
         from trame_slicer.core import LayoutManager, SlicerApp
         from trame_slicer.rca_view import register_rca_factories
@@ -67,8 +70,11 @@ class LandmarksWebApp:
         self.layouts.register_layout_dict(
             {"slice": Layout(LayoutDirection.Vertical, [ViewLayoutDefinition.axial_view()])})
         self.logic = LandmarksLogic(self.slicer.scene)
+        if detector is not None:
+            self.logic.add_detector(model, detector)
         self.model, self.export_dir = model, Path(export_dir).resolve()
-        self.uploads = Path(tempfile.mkdtemp(prefix="medsapiens-web-"))
+        self.uploads = Path(uploads) if uploads else Path(tempfile.mkdtemp(prefix="medsapiens-web-"))
+        self.uploads.mkdir(parents=True, exist_ok=True)
         self.volume: Any = None
         self.markups: Any = None
         self.job: FinetuneJob | None = None
@@ -232,11 +238,12 @@ class LandmarksWebApp:
                                     html.Th(head)
                         with html.Tbody():
                             with html.Tr(v_for="r in rows", key="r.index",
-                                         style=("r.confidence < 0.5 ? 'color: #ff5252' : ''",)):
+                                         style=("r.corrected ? 'color: #2e7d32' : r.confidence < 0.5 ? "
+                                                "'color: #ff5252' : ''",)):
                                 html.Td("{{ r.index + 1 }}")
                                 html.Td("{{ r.name }}", classes="name")
                                 html.Td("{{ r.confidence.toFixed(2) }}")
-                                html.Td("{{ r.corrected ? 'corrected' : '' }}", classes="corrected")
+                                html.Td("{{ r.corrected ? 'verified' : '' }}", classes="corrected")
                     v.VTextField(v_model=("case_id",), label="Case id", density="compact", classes="mt-2")
                     v.VBtn("Export", id="export", click=ctrl.export, disabled=("!can_export",),
                            block=True, classes="mb-2")
@@ -248,7 +255,27 @@ class LandmarksWebApp:
                     self.layouts.initialize_layout_grid(self.ui)
 
 
-def serve(host: str = "127.0.0.1", port: int = 8080, export_dir: str = "medsapiens-cases",
-          model: str = "default", open_browser: bool = False) -> None:
-    app = LandmarksWebApp(export_dir=export_dir, model=model)
-    app.server.start(host=host, port=port, open_browser=open_browser)
+def main(argv: list[str] | None = None) -> None:
+    """One session's worker: the app on 127.0.0.1 (the gateway proxies to it)."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m MedSapiensLandmarksLib.web")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--export-dir", required=True)
+    p.add_argument("--upload-dir", required=True)
+    p.add_argument("--model", default="default")
+    p.add_argument("--idle-timeout", type=int, default=300, help="exit after this long without a page")
+    args = p.parse_args(argv)
+    sys.argv = sys.argv[:1]  # trame parses the command line too: give it none of ours
+    # The model (and torch, for torch models) is loaded before trame and VTK: importing torch
+    # after them crashed the process (triton's import, seen with slicer-core 5.11 + torch 2.14).
+    detector = Detector.load(args.model)
+    app = LandmarksWebApp(export_dir=args.export_dir, model=args.model, uploads=args.upload_dir,
+                          detector=detector)
+    app.server.start(host="127.0.0.1", port=args.port, open_browser=False, timeout=args.idle_timeout,
+                     show_connection_info=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""`serve`: one browser session, one worker process, one patient (trame's launcher pattern).
+
+The gateway is the only public listener. A browser that opens the page (with the access
+token when the server is reachable from the network) gets a session cookie and its own
+worker: a `web` app with its own slice view, scene, uploads and export folder, bound to
+127.0.0.1 on a free port. Every HTTP request and WebSocket of that browser is proxied to its
+worker, so two people never see each other's radiograph, points or exports. Past
+``max_sessions`` a new browser is told to come back later; a session whose page is closed
+for ``idle_s`` seconds is ended: its worker stops and its uploaded files are deleted.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+COOKIE = "medsapiens_session"
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+              "trailer", "transfer-encoding", "upgrade", "content-length", "host"}
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class Session:
+    id: str
+    port: int
+    proc: subprocess.Popen
+    uploads: Path
+    exports: Path
+    sockets: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Gateway:
+    """Sessions and the reverse proxy (aiohttp)."""
+
+    def __init__(self, export_dir: str | Path, model: str = "default", token: str | None = None,
+                 max_sessions: int = 4, idle_s: float = 120.0, start_timeout_s: float = 180.0) -> None:
+        self.export_dir = Path(export_dir).resolve()
+        self.model, self.token, self.max_sessions = model, token, max_sessions
+        self.idle_s, self.start_timeout_s = idle_s, start_timeout_s
+        self.sessions: dict[str, Session] = {}
+        self.uploads_root = Path(tempfile.mkdtemp(prefix="medsapiens-uploads-"))
+        self._lock = asyncio.Lock()
+        self._client: Any = None
+
+    # -- sessions ------------------------------------------------------------------------
+    async def _start_session(self) -> Session:
+        sid = secrets.token_urlsafe(24)
+        port = free_port()
+        label = time.strftime("%Y%m%d-%H%M%S-") + sid[:6]
+        uploads, exports = self.uploads_root / label, self.export_dir / label
+        uploads.mkdir(parents=True)
+        cmd = [sys.executable, "-m", "MedSapiensLandmarksLib.web", "--port", str(port),
+               "--export-dir", str(exports), "--upload-dir", str(uploads), "--model", self.model,
+               "--idle-timeout", str(int(self.idle_s) + 60)]
+        proc = subprocess.Popen(cmd, cwd=str(Path(__file__).resolve().parents[1]),
+                                start_new_session=True)  # its messages go to the server console
+        session = Session(sid, port, proc, uploads, exports)
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self._end(session)
+                raise RuntimeError(f"the session worker exited with code {proc.returncode}")
+            try:
+                _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                return session
+            except OSError:
+                await asyncio.sleep(0.3)
+        self._end(session)
+        raise RuntimeError("the session worker did not start in time")
+
+    def _end(self, session: Session) -> None:
+        """Stop the worker (its whole process group) and delete the session's uploads."""
+        self.sessions.pop(session.id, None)
+        if session.proc.poll() is None:
+            try:
+                os.killpg(session.proc.pid, signal.SIGTERM)
+                session.proc.wait(timeout=10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                session.proc.kill()
+                session.proc.wait(timeout=10)
+        shutil.rmtree(session.uploads, ignore_errors=True)
+
+    async def reap(self) -> None:
+        """End sessions whose page has been closed for ``idle_s`` (or whose worker died)."""
+        while True:
+            await asyncio.sleep(min(5.0, self.idle_s / 2))
+            now = time.monotonic()
+            for s in list(self.sessions.values()):
+                if s.proc.poll() is not None or (s.sockets == 0 and now - s.last_seen > self.idle_s):
+                    self._end(s)
+
+    def close(self) -> None:
+        for s in list(self.sessions.values()):
+            self._end(s)
+        shutil.rmtree(self.uploads_root, ignore_errors=True)
+
+    # -- requests ------------------------------------------------------------------------
+    def _token_ok(self, request: Any) -> bool:
+        given = request.query.get("token", "")
+        return self.token is None or hmac.compare_digest(given.encode(), self.token.encode())
+
+    async def handle(self, request: Any) -> Any:
+        from aiohttp import web
+
+        session = self.sessions.get(request.cookies.get(COOKIE, ""))
+        if session is None:
+            if not self._token_ok(request):
+                return web.Response(status=403, text="Access token required: open the address the "
+                                    "server printed when it started (…/?token=…).\n")
+            if request.path not in ("/", "/index.html") or request.method != "GET":
+                return web.Response(status=403, text="No session: open the page first.\n")
+            async with self._lock:
+                if len(self.sessions) >= self.max_sessions:
+                    return web.Response(status=503, headers={"Retry-After": "60"},
+                                        text=f"All {self.max_sessions} sessions are in use; "
+                                             f"try again in a minute.\n")
+                try:
+                    session = await self._start_session()
+                except RuntimeError as err:
+                    return web.Response(status=500, text=f"Could not start a session: {err}\n")
+                self.sessions[session.id] = session
+            response = web.HTTPFound("/")  # drop the token from the address bar
+            response.set_cookie(COOKIE, session.id, httponly=True, samesite="Strict", path="/")
+            return response
+        session.last_seen = time.monotonic()
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._proxy_ws(request, session)
+        return await self._proxy_http(request, session)
+
+    async def _proxy_http(self, request: Any, session: Session) -> Any:
+        from aiohttp import web
+
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        async with self._client.request(request.method, f"http://127.0.0.1:{session.port}{request.path_qs}",
+                                        headers=headers, data=await request.read(),
+                                        allow_redirects=False) as upstream:
+            body = await upstream.read()
+            out = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+            return web.Response(status=upstream.status, body=body, headers=out)
+
+    async def _proxy_ws(self, request: Any, session: Session) -> Any:
+        from aiohttp import WSMsgType, web
+
+        browser = web.WebSocketResponse(max_msg_size=0, compress=False, heartbeat=30)
+        await browser.prepare(request)
+        session.sockets += 1
+        try:
+            async with self._client.ws_connect(f"http://127.0.0.1:{session.port}{request.path_qs}",
+                                               max_msg_size=0) as worker:
+                async def pump(src: Any, dst: Any) -> None:
+                    async for msg in src:
+                        if msg.type == WSMsgType.BINARY:
+                            await dst.send_bytes(msg.data)
+                        elif msg.type == WSMsgType.TEXT:
+                            await dst.send_str(msg.data)
+                        else:
+                            break
+                tasks = [asyncio.create_task(pump(browser, worker)), asyncio.create_task(pump(worker, browser))]
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for t in tasks:
+                    t.cancel()
+        finally:
+            session.sockets -= 1
+            session.last_seen = time.monotonic()
+            await browser.close()
+        return browser
+
+    def app(self) -> Any:
+        import aiohttp
+        from aiohttp import web
+
+        async def startup(app: Any) -> None:
+            self._client = aiohttp.ClientSession(auto_decompress=False,
+                                                 timeout=aiohttp.ClientTimeout(total=None))
+            app["reaper"] = asyncio.create_task(self.reap())
+
+        async def cleanup(app: Any) -> None:
+            app["reaper"].cancel()
+            await self._client.close()
+            self.close()
+
+        application = web.Application(client_max_size=300 * 2 ** 20)
+        application.router.add_route("*", "/{tail:.*}", self.handle)
+        application.on_startup.append(startup)
+        application.on_cleanup.append(cleanup)
+        return application
+
+
+def serve(host: str = "127.0.0.1", port: int = 8080, export_dir: str = "medsapiens-cases",
+          model: str = "default", token: str | None = None, max_sessions: int = 4,
+          idle_s: float = 120.0) -> None:
+    """Run the gateway until interrupted; off loopback a token is always required."""
+    from aiohttp import web
+
+    if token is None and host not in LOOPBACK:
+        token = secrets.token_urlsafe(24)
+    gateway = Gateway(export_dir, model, token, max_sessions, idle_s)
+    query = f"?token={token}" if token else ""
+    print(f"MedSapiens Landmarks: open http://{host}:{port}/{query} "
+          f"(up to {max_sessions} sessions; exports under {gateway.export_dir})", flush=True)
+    web.run_app(gateway.app(), host=host, port=port, print=None, handle_signals=True)
