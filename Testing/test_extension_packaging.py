@@ -64,3 +64,18 @@ def test_widget_names_and_parameter_bindings_exist_in_the_ui():
     # the Logic class of the module imports no Qt: everything it runs lives in the Lib
     logic = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MedSapiensLandmarksLogic")
     assert "qt." not in ast.get_source_segment(source, logic)
+
+
+def test_icon_and_screenshot_urls_point_at_images_in_this_repository():
+    """The Extensions Index fetches these URLs: each must name an image that exists here."""
+    text = (ROOT / "CMakeLists.txt").read_text()
+    s4ext = (ROOT / "MedSapiensLandmarks.s4ext").read_text()
+    urls = []
+    for var in ("ICONURL", "SCREENSHOTURLS"):
+        urls += re.search(rf'set\(EXTENSION_{var} "([^"]+)"\)', text).group(1).split()
+    for url in urls:
+        assert url in s4ext, f"{url} differs between CMakeLists.txt and the .s4ext"
+        path = ROOT / url.split("/main/", 1)[1]
+        assert path.is_file() and path.parts[len(ROOT.parts)] == "Resources", url
+        with Image.open(path) as im:
+            assert im.format == "PNG" and min(im.size) >= 128

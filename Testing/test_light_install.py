@@ -1,7 +1,7 @@
 """The light install: detection, the Slicer panel's Lib modules and the CLI without torch.
 
 Each test runs a fresh interpreter in which importing torch, torchvision or timm raises
-ImportError (as on a fresh Slicer, before the PyTorch extension installed anything).
+ModuleNotFoundError (as on a fresh Slicer, before the PyTorch extension installed anything).
 """
 import json
 import subprocess
@@ -18,7 +18,7 @@ BLOCK = textwrap.dedent("""
     class NoTorch(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
             if name.split(".")[0] in {"torch", "torchvision", "timm"}:
-                raise ImportError(f"{name}: blocked (light install)")
+                raise ModuleNotFoundError(f"{name}: blocked (light install)", name=name.split(".")[0])
     sys.meta_path.insert(0, NoTorch())
     sys.path[:0] = [%r, %r]
 """) % (str(ROOT / "MedSapiensLandmarks"), str(ROOT / "Testing"))
@@ -98,3 +98,14 @@ def test_cli_detect_runs_an_onnx_model_without_torch(ceph_dir, tmp_path):
     onnx_xy = np.array(got["extra"]["pixels"])
     assert np.abs(onnx_xy - torch_xy).max() < 0.01  # px
     assert (tmp_path / "out" / "151.overlay.png").stat().st_size > 10_000
+
+
+def test_train_without_torch_says_which_extra_to_install(tmp_path):
+    res = run_light("""
+        import sys
+        from MedSapiensLandmarksLib.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """, "train", "--csv", str(tmp_path / "x.csv"), "-o", str(tmp_path / "m"))
+    assert res.returncode == 2, res.stderr[-1000:]
+    assert res.stderr.strip() == ("error: train needs torch, which the light install leaves out: "
+                                  "pip install 'medsapiens-landmarks[train]'")

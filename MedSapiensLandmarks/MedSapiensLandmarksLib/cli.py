@@ -14,6 +14,7 @@ from .imageio import ImageError
 from .inputs import case_stem, expand_inputs
 from .loading import BACKENDS
 
+TRAIN_EXTRA = {"torch", "torchvision", "timm", "safetensors", "onnx", "matplotlib"}
 FORMATS = ("mrk.json", "fcsv", "csv", "png", "analysis")
 
 
@@ -373,6 +374,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (UsageError, ImageError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:  # the light install: no torch / timm / matplotlib
+        if err.name not in TRAIN_EXTRA:
+            raise
+        print(f"error: {args.command} needs {err.name}, which the light install leaves out: "
+              f"pip install 'medsapiens-landmarks[train]'", file=sys.stderr)
         return 2
 
 
