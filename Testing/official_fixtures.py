@@ -1,4 +1,8 @@
 """Synthetic Sapiens / MedSapiens state dicts in the exact official key layout."""
+import sys
+import types
+
+import numpy as np
 import torch
 
 from MedSapiensLandmarksLib.model import SAPIENS_ARCHS
@@ -47,3 +51,55 @@ def lora_state(seed=2):
             sd[p + "lora_down.weight"] = torch.randn(rank, C, generator=g) * 0.1
             sd[p + "lora_up.weight"] = torch.randn(out, rank, generator=g) * 0.1
     return sd
+
+
+MM_CLASSES = ("mmengine", "mmengine.logging", "mmengine.logging.history_buffer")
+
+
+class HistoryBuffer:
+    """Pickled under mmengine's own path, as a real MedSapiens checkpoint holds it."""
+
+    def __init__(self, values):
+        self._log_history = np.asarray(values, dtype=np.float64)
+        self._count_history = np.ones(len(values), dtype=np.float64)
+        self.max_length = 1000000
+
+
+HistoryBuffer.__module__ = "mmengine.logging.history_buffer"
+
+
+def save_mmengine(path, state_dict, num_keypoints, config_text=""):
+    """torch.save in mmengine's checkpoint layout (meta with numpy dataset_meta, message hub of
+    HistoryBuffer objects, optimizer state), without mmengine installed."""
+    module = types.ModuleType("mmengine.logging.history_buffer")
+    module.HistoryBuffer = HistoryBuffer
+    saved = {name: sys.modules.get(name) for name in MM_CLASSES}
+    sys.modules.update({"mmengine": types.ModuleType("mmengine"),
+                        "mmengine.logging": types.ModuleType("mmengine.logging"),
+                        "mmengine.logging.history_buffer": module})
+    try:
+        k = num_keypoints
+        checkpoint = {
+            "meta": {"epoch": 210, "iter": 4410, "cfg": config_text, "seed": 0,
+                     "experiment_name": "medsapiens_0.3b", "mmengine_version": "0.10.4",
+                     "dataset_meta": {"dataset_name": "med_sapien", "num_keypoints": k,
+                                      "keypoint_id2name": {i: f"kp{i}" for i in range(k)},
+                                      "flip_indices": list(range(k)), "flip_pairs": [],
+                                      "sigmas": np.full(k, 0.025, dtype=np.float32),
+                                      "joint_weights": np.ones(k, dtype=np.float32),
+                                      "skeleton_links": [], "dtype": np.dtype(np.float32)}},
+            "state_dict": state_dict,
+            "message_hub": {"log_scalars": {"train/loss": HistoryBuffer([0.5, 0.4]),
+                                            "train/lr": HistoryBuffer([1e-4])},
+                            "runtime_info": {"epoch": 210, "iter": 4410, "best_score": np.float64(1.23)},
+                            "resumed_keys": {"epoch": False}},
+            "optimizer": {"state": {0: {"step": torch.tensor(4410.0), "exp_avg": torch.zeros(2)}},
+                          "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "params": [0]}]},
+        }
+        torch.save(checkpoint, path)
+    finally:
+        for name, mod in saved.items():
+            if mod is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = mod

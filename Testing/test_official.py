@@ -1,5 +1,7 @@
 """Official Sapiens / MedSapiens checkpoints, built synthetically in the exact key layout."""
 import pickle
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from MedSapiensLandmarksLib.model import SAPIENS_ARCHS, LandmarkNet
 from MedSapiensLandmarksLib.detector import Detector
 from MedSapiensLandmarksLib.official import resize_pos_embed
 
-from official_fixtures import ARCH, C, DEPTH, head_state, lora_state, pretrain_state
+from official_fixtures import ARCH, C, DEPTH, head_state, lora_state, pretrain_state, save_mmengine
 
 
 def keys_bicubic_resize_cols(table, out_w):
@@ -85,7 +87,7 @@ def x():
 def test_lora_checkpoint_equals_explicit_lora_forward(tmp_path, x):
     pre, lora, hd = pretrain_state(), lora_state(), head_state(19)
     torch.save(pre, tmp_path / "sapiens_tiny_epoch_1_clean.pth")
-    torch.save({"meta": {}, "state_dict": {**lora, **hd}}, tmp_path / "best_EPE.pth")
+    save_mmengine(tmp_path / "best_EPE.pth", {**lora, **hd}, 19)
     det = Detector.load(tmp_path / "best_EPE.pth")
     assert det.card["coarse"]["net"]["arch"] == ARCH and len(det.names) == 19 and det.names[0] == "S"
 
@@ -105,7 +107,7 @@ def test_full_finetune_checkpoint_and_multidataset_split(tmp_path, x):
     pre, hd = pretrain_state(seed=3), head_state(88, seed=4)
     full = {f"backbone.{k}": v for k, v in pre.items() if k != "cls_token"}
     full["backbone.pos_embed"] = resize_pos_embed(pre["pos_embed"], (64, 48))  # [1, 3072, C]
-    torch.save({"state_dict": {**full, **hd}}, tmp_path / "best_EPE_epoch_199.pth")
+    save_mmengine(tmp_path / "best_EPE_epoch_199.pth", {**full, **hd}, 88)
     det = Detector.load(tmp_path / "best_EPE_epoch_199.pth", dataset="hand")
     assert len(det.names) == 37 and det.card["name"].endswith("hand")
     with torch.no_grad():
@@ -139,6 +141,19 @@ class _Payload:
 
     def __reduce__(self):
         return (open, (self.target, "w"))
+
+
+def test_mmengine_checkpoint_with_a_foreign_class_is_refused(tmp_path):
+    """Only mmengine's HistoryBuffer is stood in for: any other class in meta is refused."""
+    hooks = types.ModuleType("mmengine.hooks")
+    hooks.Hook = type("Hook", (), {"__module__": "mmengine.hooks"})
+    sys.modules.update({"mmengine": types.ModuleType("mmengine"), "mmengine.hooks": hooks})
+    try:
+        torch.save({"meta": {"hook": hooks.Hook()}, "state_dict": head_state(19)}, tmp_path / "hooked.pth")
+    finally:
+        del sys.modules["mmengine.hooks"], sys.modules["mmengine"]
+    with pytest.raises(CheckpointError, match="refused or unreadable"):
+        Detector.load(tmp_path / "hooked.pth")
 
 
 def test_pickled_callable_is_refused_without_running(tmp_path):

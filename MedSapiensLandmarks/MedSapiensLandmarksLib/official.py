@@ -37,13 +37,54 @@ _LAYER_RENAMES = [
 _LORA = re.compile(r"^(?:backbone\.)?(?:module\.)?layers\.(\d+)\.attn\.(qkv|proj)\.lora_(down|up)\.weight$")
 
 
+class _MmengineObject:
+    """Stand-in for mmengine's classes in a checkpoint's ``meta`` (``HistoryBuffer`` of the
+    message hub): unpickled as inert attribute bags, never imported or run."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__.update(state if isinstance(state, dict) else {"state": state})
+
+
+def _stand_in(module: str, name: str) -> type:
+    cls = type(name, (_MmengineObject,), {"__module__": module})
+    cls.__qualname__ = name
+    return cls
+
+
+# What an mmengine checkpoint's meta may hold besides tensors: numpy arrays, scalars and dtypes
+# (dataset_meta), and mmengine's own HistoryBuffer. Classes only: no callable that acts.
+def _numpy_globals() -> list[Any]:
+    import numpy as np
+
+    try:  # numpy 2 (numpy.core is its deprecated alias)
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray
+
+    out: list[Any] = [np.ndarray, np.dtype]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1 / numpy 2 files
+        out += [(multiarray._reconstruct, f"{module}._reconstruct"), (multiarray.scalar, f"{module}.scalar")]
+    out += [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32,
+                                        np.int64, np.uint8, np.uint16, np.bool_, np.str_)]
+    return out
+
+
+SAFE_GLOBALS = [_stand_in("mmengine.logging.history_buffer", "HistoryBuffer")]
+
+
 def read_pth(path: str | Path) -> dict[str, torch.Tensor]:
-    """torch.load(weights_only=True) with one clear error; unwraps ``state_dict``."""
+    """The state dict of a .pth, read without running pickled code (``weights_only``).
+
+    mmengine checkpoints (``{"meta", "state_dict", "message_hub", ...}``) are allowed numpy
+    arrays/dtypes and mmengine's HistoryBuffer (as an inert stand-in) besides tensors; any
+    other class or callable is refused.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([*_numpy_globals(), *SAFE_GLOBALS]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError,
             AttributeError, TypeError, ValueError) as err:
         msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
