@@ -108,7 +108,11 @@ def test_full_finetune_checkpoint_and_multidataset_split(tmp_path, x):
     full = {f"backbone.{k}": v for k, v in pre.items() if k != "cls_token"}
     full["backbone.pos_embed"] = resize_pos_embed(pre["pos_embed"], (64, 48))  # [1, 3072, C]
     save_mmengine(tmp_path / "best_EPE_epoch_199.pth", {**full, **hd}, 88)
-    det = Detector.load(tmp_path / "best_EPE_epoch_199.pth", dataset="hand")
+    with pytest.raises(CheckpointError, match=r"88 channels.*head, chest, hand, leg.*none was given"):
+        Detector.load(tmp_path / "best_EPE_epoch_199.pth")
+    with pytest.raises(CheckpointError, match=r"'foot' is not one of them"):
+        Detector.load(tmp_path / "best_EPE_epoch_199.pth", anatomy="foot")
+    det = Detector.load(tmp_path / "best_EPE_epoch_199.pth", anatomy="hand")
     assert len(det.names) == 37 and det.card["name"].endswith("hand")
     with torch.no_grad():
         expected = _reference_head(_reference_forward(x, pre, {}), hd, rows=slice(25, 62))

@@ -22,6 +22,18 @@ class UsageError(ValueError):
     """Bad command-line input (exit code 2)."""
 
 
+def load_detector(args: argparse.Namespace):
+    """The model of ``--model`` with the official-checkpoint and flip options of the command."""
+    from .detector import Detector
+
+    official = {k: v for k, v in (("anatomy", args.anatomy), ("pretrain", args.pretrain)) if v}
+    det = Detector.load(args.model, device=args.device, threads=args.threads, backend=args.backend,
+                        **official)
+    if args.flip or args.no_flip:
+        det.card["coarse"]["input"]["flip_test"] = not args.no_flip
+    return det
+
+
 def parse_formats(text: str) -> list[str]:
     fmts = [f.strip().lstrip(".") for f in text.split(",") if f.strip()]
     bad = [f for f in fmts if f not in FORMATS]
@@ -71,7 +83,6 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     from .analysis import CEPH_NAMES
     from .batch import detect_files, pending
-    from .detector import Detector
 
     fmts = parse_formats(args.format)
     files = shard(expand_inputs(args.inputs), args.shard)
@@ -92,9 +103,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         print(f"skipping {len(files) - len(todo)} image(s) whose outputs exist", file=sys.stderr)
     if not todo:
         return 2 if clashes else 0
-    det = Detector.load(args.model, device=args.device, threads=args.threads, backend=args.backend)
-    if args.flip:
-        det.card["coarse"]["input"]["flip_test"] = True
+    det = load_detector(args)
     if "analysis" in fmts and tuple(det.names) != CEPH_NAMES:
         raise UsageError("the analysis output needs a model of the 19 ISBI cephalometric landmarks")
     workers = args.workers if args.workers is not None else (1 if len(todo) > 1 else 0)
@@ -112,7 +121,6 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .datasets import read_landmark_csv
-    from .detector import Detector
     from .evaluation import evaluate
 
     cases = read_landmark_csv(args.csv, args.images, spacing=args.spacing)
@@ -126,9 +134,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         truth = np.stack([(c.xy + other[c.case_id]) / 2 for c in cases])
     if args.limit:
         cases, truth = cases[: args.limit], truth[: args.limit]
-    det = Detector.load(args.model, device=args.device, threads=args.threads, backend=args.backend)
-    if args.flip:
-        det.card["coarse"]["input"]["flip_test"] = True
+    det = load_detector(args)
     if truth.shape[1] != len(det.names):
         raise UsageError(f"{args.csv} has {truth.shape[1]} landmarks, the model {len(det.names)}")
     ev = evaluate(det, cases, truth, hand=args.hand)
@@ -180,8 +186,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         k = len(cases[0].xy) if cases else 0
         names = {19: CEPH_19, 37: HAND_37}.get(k, numbered("P", "point", k))
     cases.sort(key=lambda c: str(c.image))
-    if args.val_csv:
-        val = read_landmark_csv(args.val_csv, args.images, spacing=args.spacing)
+    if args.val_csv or args.val_split:
+        val = read_landmark_csv(args.val_csv or args.csv, args.images, spacing=args.spacing)
+        val = [c for c in val if not args.val_split or c.split == args.val_split]
+        if not val:
+            raise UsageError(f"no validation cases in split {args.val_split!r}")
     else:
         n_val = args.val_count if args.val_count is not None else (10 if args.csv else max(1, len(cases) // 5))
         n_val = min(n_val, max(0, len(cases) - 1))
@@ -276,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
         sp.add_argument("--threads", type=int, default=None, help="CPU threads")
         sp.add_argument("--flip", action="store_true", help="test-time horizontal flip averaging")
+        sp.add_argument("--anatomy", default=None,
+                        help="official multi-dataset checkpoint: head, chest, hand or leg")
+        sp.add_argument("--pretrain", default=None,
+                        help="official LoRA checkpoint: the Sapiens pretrain file (sapiens_<size>_*.pth)")
+        sp.add_argument("--no-flip", action="store_true",
+                        help="official checkpoints: skip the flip test (half the time)")
         sp.add_argument("--backend", choices=BACKENDS, default=None,
                         help="onnx (default for shipped models on CPU) or torch (GPU, official .pth)")
 
@@ -317,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--split", default=None, help="keep rows of this split (hand CSV: train)")
     t.add_argument("--ids", default=None, help="only these case ids (comma list, or @file)")
     t.add_argument("--val-csv", default=None)
+    t.add_argument("--val-split", default=None,
+                   help="validation (monitoring only) = rows of this split (hand CSV: valid)")
     t.add_argument("--val-count", type=int, default=None,
                    help="last N cases held out for validation (default: 10 of a CSV, 1/5 of cases)")
     t.add_argument("--spacing", type=float, default=None)

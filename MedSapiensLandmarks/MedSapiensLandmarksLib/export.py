@@ -30,8 +30,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .datasets import Case
-from .landmarks import Landmarks
 from .imageio import Radiograph, read_image
+from .landmarks import Landmarks
 from .markups import read_markups, write_markups, write_text
 
 INDEX_FORMAT = "medsapiens-landmarks-cases/1"

@@ -20,8 +20,16 @@ import numpy as np
 from .detector import Detector
 from .export import export_case
 from .landmarks import Landmarks
-from .mrml import (ATTR_CONFIDENCE, ATTR_MODEL, LPS_TO_RAS, corrected_flags, landmarks_to_node,
-                   observe_corrections, positions_ras, volume_to_radiograph)
+from .mrml import (
+    ATTR_CONFIDENCE,
+    ATTR_MODEL,
+    LPS_TO_RAS,
+    corrected_flags,
+    landmarks_to_node,
+    observe_corrections,
+    positions_ras,
+    volume_to_radiograph,
+)
 
 
 class LandmarksLogic:

@@ -162,26 +162,28 @@ def merge_lora(state: dict[str, torch.Tensor], lora: dict[str, torch.Tensor],
         state[target] = (state[target].double() + delta).to(state[target].dtype)
 
 
-def _landmarks_for(k: int, dataset: str | None, head: dict[str, torch.Tensor]
+def _landmarks_for(k: int, anatomy: str | None, head: dict[str, torch.Tensor], source: Path
                    ) -> tuple[list[tuple[str, str]], dict[str, torch.Tensor], str]:
-    """Landmark names for a K-channel head; slices the 88-channel multi-dataset head."""
+    """Landmark names for a K-channel head; slices the 88-channel multi-dataset head to the
+    chosen anatomy, which must then be given."""
     total = sum(len(v[1]) for v in MEDSAPIENS_MULTI.values())
     if k == total:
-        dataset = dataset or "head"
-        if dataset not in MEDSAPIENS_MULTI:
-            raise CheckpointError(f"dataset {dataset!r} not in the multi-dataset head "
-                                  f"({', '.join(MEDSAPIENS_MULTI)})")
-        start, names = MEDSAPIENS_MULTI[dataset]
+        if anatomy not in MEDSAPIENS_MULTI:
+            given = f"{anatomy!r} is not one of them" if anatomy else "none was given"
+            raise CheckpointError(f"{source}: a multi-dataset checkpoint ({total} channels) holds "
+                                  f"{', '.join(MEDSAPIENS_MULTI)} landmarks; choose the anatomy "
+                                  f"(--anatomy {'|'.join(MEDSAPIENS_MULTI)}): {given}")
+        start, names = MEDSAPIENS_MULTI[anatomy]
         head = dict(head)
         for key in ("final_layer.weight", "final_layer.bias"):
             head[key] = head[key][start:start + len(names)]
-        return names, head, dataset
+        return names, head, anatomy
     known = {19: (CEPH_19, "head"), 37: (HAND_37, "hand")}
-    names, name = known.get(k, (numbered("P", "point", k), dataset or "custom"))
+    names, name = known.get(k, (numbered("P", "point", k), anatomy or "custom"))
     return names, head, name
 
 
-def load_official(path: str | Path, pretrain: str | Path | None = None, dataset: str | None = None,
+def load_official(path: str | Path, pretrain: str | Path | None = None, anatomy: str | None = None,
                   lora_scales: dict[str, float] | None = None, flip: bool = True
                   ) -> tuple[dict[str, Any], dict[str, LandmarkNet]]:
     """Card and net of an official MedSapiens checkpoint (see module docstring).
@@ -217,14 +219,14 @@ def load_official(path: str | Path, pretrain: str | Path | None = None, dataset:
     if lora:
         merge_lora(bb, lora, lora_scales)
     k = head["final_layer.weight"].shape[0]
-    names, head, dataset = _landmarks_for(k, dataset, head)
+    names, head, anatomy = _landmarks_for(k, anatomy, head, path)
     head_channels = [head["deconv_layers.0.weight"].shape[1], head["deconv_layers.3.weight"].shape[1]]
     net_cfg = {"family": "sapiens", "arch": arch, "input_size": list(INPUT_SIZE),
                "num_keypoints": len(names), "head_channels": head_channels}
     net = LandmarkNet(net_cfg)
     load_state(net, {**{f"backbone.{k2}": v for k2, v in bb.items()},
                      **{f"head.{k2}": v for k2, v in head.items()}}, str(path))
-    card = sapiens_card(net, names, f"medsapiens-{arch}-{dataset}", str(path), flip)
+    card = sapiens_card(net, names, f"medsapiens-{arch}-{anatomy}", str(path), flip)
     return card, {"coarse": net}
 
 

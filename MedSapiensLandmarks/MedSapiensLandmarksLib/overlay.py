@@ -8,8 +8,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .atomic import atomic_write
 from .codec import to_gray, to_uint8_range
-from .landmarks import Landmarks
 from .imageio import Radiograph
+from .landmarks import Landmarks
 from .markups import LOW_CONFIDENCE
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .landmarks import Landmarks
 from .evaluation import Evaluation
 from .imageio import read_image
+from .landmarks import Landmarks
 from .overlay import write_overlay
 
 

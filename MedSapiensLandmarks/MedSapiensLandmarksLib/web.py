@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from .inputs import IMAGE_SUFFIXES
 from .detector import Detector
 from .export import ExportError
 from .imageio import ImageError, Radiograph, read_image
+from .inputs import IMAGE_SUFFIXES
 from .logic import FinetuneJob, LandmarksLogic
 from .mrml import table_rows
 
