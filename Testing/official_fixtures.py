@@ -14,11 +14,27 @@ MLP = SAPIENS_ARCHS[ARCH]["mlp_dim"]
 HEAD = (16, 12)
 
 
+def mae_sincos_table(grid=64, dim=C):
+    """MAE's fixed position table, written out as in the original numpy code
+    (get_2d_sincos_pos_embed, cls_token=True), independently of the loader's own."""
+    gh = np.arange(grid, dtype=np.float32)
+    gw = np.arange(grid, dtype=np.float32)
+    g = np.stack(np.meshgrid(gw, gh), axis=0).reshape(2, 1, grid, grid)
+
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    emb = np.concatenate([one_d(dim // 2, g[0]), one_d(dim // 2, g[1])], axis=1)
+    return torch.from_numpy(np.concatenate([np.zeros((1, dim)), emb])[None].astype(np.float32))
+
+
 def pretrain_state(seed=0):
     """Sapiens pretrain file layout (mmpretrain names, backbone. prefix stripped, cls slot)."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g) * 0.05
-    sd = {"cls_token": r(1, 1, C), "pos_embed": r(1, 1 + 64 * 64, C),
+    sd = {"cls_token": r(1, 1, C), "pos_embed": mae_sincos_table(),
           "patch_embed.projection.weight": r(C, 3, 16, 16), "patch_embed.projection.bias": r(C),
           "ln1.weight": 1 + r(C), "ln1.bias": r(C)}
     for i in range(DEPTH):

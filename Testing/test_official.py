@@ -126,6 +126,27 @@ def test_lora_only_without_pretrain_names_the_missing_file(tmp_path):
         Detector.load(tmp_path / "ckpt.pth")
 
 
+def test_lora_base_is_found_by_size_and_checked(tmp_path, capsys):
+    pre, lora, hd = pretrain_state(), lora_state(), head_state(19)
+    save_mmengine(tmp_path / "best_EPE.pth", {**lora, **hd}, 19)
+    other = {k: v[..., :8] if k == "pos_embed" else v for k, v in pre.items()}  # a narrower model
+    torch.save(other, tmp_path / "sapiens_0.3b_epoch_1600_clean.pth")  # wrong size for tiny LoRA
+    with pytest.raises(CheckpointError, match=r"needs the Sapiens pretrain file sapiens_tiny_epoch_<n>_clean.pth"):
+        Detector.load(tmp_path / "best_EPE.pth")
+    # the right width but not the MAE table (e.g. a fine-tuned backbone): refused, file named
+    tuned = dict(pre, pos_embed=pre["pos_embed"] + 0.01)
+    torch.save(tuned, tmp_path / "sapiens_tiny_epoch_1_clean.pth")
+    with pytest.raises(CheckpointError, match=r"sapiens_tiny_epoch_1_clean.pth: not the Sapiens MAE pretrain"):
+        Detector.load(tmp_path / "best_EPE.pth")
+    torch.save(pre, tmp_path / "sapiens_tiny_epoch_1_clean.pth")
+    det = Detector.load(tmp_path / "best_EPE.pth")
+    assert det.card["pretrain"] == str(tmp_path / "sapiens_tiny_epoch_1_clean.pth")
+    torch.save(pre, tmp_path / "sapiens_tiny_epoch_2_clean.pth")  # two candidates: ask
+    with pytest.raises(CheckpointError, match=r"2 are \(sapiens_tiny_epoch_1_clean.pth, sapiens_tiny_epoch_2"):
+        Detector.load(tmp_path / "best_EPE.pth")
+    assert Detector.load(tmp_path / "best_EPE.pth", pretrain=tmp_path / "sapiens_tiny_epoch_2_clean.pth")
+
+
 def test_missing_and_unexpected_keys_are_named(tmp_path):
     pre = pretrain_state()
     full = {f"backbone.{k}": v for k, v in pre.items() if k not in ("cls_token", "layers.1.ln2.bias")}

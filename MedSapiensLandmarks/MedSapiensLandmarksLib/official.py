@@ -202,14 +202,10 @@ def load_official(path: str | Path, pretrain: str | Path | None = None, anatomy:
     if full:
         bb = backbone_state(full, grid)
     else:
-        if pretrain is None:
-            found = sorted(path.parent.glob("sapiens_*.pth"))
-            if not found:
-                raise CheckpointError(f"{path}: holds only LoRA weights for the backbone; give the "
-                                      f"Sapiens pretrain file (sapiens_<size>_epoch_<n>_clean.pth)")
-            pretrain = found[0]
+        pretrain = Path(pretrain) if pretrain else find_pretrain(path, lora)
         pre = read_pth(pretrain)
         pre = {k[9:] if k.startswith("backbone.") else k: v for k, v in pre.items()}
+        check_pretrain(pretrain, pre, lora)
         bb = backbone_state(pre, grid)
     qkv = bb.get("vit.blocks.0.attn.qkv.weight")
     if qkv is None:
@@ -227,7 +223,56 @@ def load_official(path: str | Path, pretrain: str | Path | None = None, anatomy:
     load_state(net, {**{f"backbone.{k2}": v for k2, v in bb.items()},
                      **{f"head.{k2}": v for k2, v in head.items()}}, str(path))
     card = sapiens_card(net, names, f"medsapiens-{arch}-{anatomy}", str(path), flip)
+    if pretrain is not None:
+        card["pretrain"] = str(pretrain)
     return card, {"coarse": net}
+
+
+def _lora_dim(lora: dict[str, torch.Tensor]) -> int:
+    """Embedding dimension the LoRA weights act on (columns of lora_down)."""
+    return next(v.shape[1] for k, v in lora.items() if k.endswith("lora_down.weight"))
+
+
+def find_pretrain(path: Path, lora: dict[str, torch.Tensor]) -> Path:
+    """The Sapiens pretrain beside a LoRA-only checkpoint: ``sapiens_<size>_*.pth`` of the size
+    whose embedding dimension the LoRA weights need; exactly one such file."""
+    dim = _lora_dim(lora)
+    sizes = [n.removeprefix("sapiens_") for n, a in SAPIENS_ARCHS.items() if a["embed_dim"] == dim]
+    found = sorted(f for size in sizes for f in path.parent.glob(f"sapiens_{size}_*.pth"))
+    wanted = " or ".join(f"sapiens_{size}_epoch_<n>_clean.pth" for size in sizes) or f"a {dim}-wide Sapiens"
+    if len(found) != 1:
+        why = "none is" if not found else f"{len(found)} are ({', '.join(f.name for f in found)})"
+        raise CheckpointError(f"{path}: holds only LoRA weights for the backbone; it needs the Sapiens "
+                              f"pretrain file {wanted} (embed dim {dim}), and {why} beside it: "
+                              f"give it with --pretrain")
+    return found[0]
+
+
+def sincos_tables(grid: int, dim: int) -> list[torch.Tensor]:
+    """The fixed 2-D sin-cos position tables an MAE pretrain may carry, [1, 1 + grid^2, dim]
+    with a class slot of zeros: the original MAE code (``np.meshgrid`` "xy": column coordinate
+    first) and mmpretrain's ``build_2d_sincos_position_embedding`` (``torch.meshgrid`` "ij":
+    row coordinate first)."""
+    pos = torch.arange(grid, dtype=torch.float64)
+    row, col = torch.meshgrid(pos, pos, indexing="ij")
+    q = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64) / q)
+    first, second = [torch.cat([(c.flatten()[:, None] * omega).sin(), (c.flatten()[:, None] * omega).cos()], 1)
+                     for c in (col, row)]
+    zero = torch.zeros(1, dim, dtype=torch.float64)
+    return [torch.cat([zero, t])[None] for t in (torch.cat([first, second], 1), torch.cat([second, first], 1))]
+
+
+def check_pretrain(file: Path, pre: dict[str, torch.Tensor], lora: dict[str, torch.Tensor]) -> None:
+    """Refuse a base that is not the MAE pretrain of the width the LoRA weights need."""
+    dim, pos = _lora_dim(lora), pre.get("pos_embed")
+    if pos is None or tuple(pos.shape) != (1, 1 + 64 * 64, dim):
+        shape = "no pos_embed" if pos is None else f"pos_embed {tuple(pos.shape)}"
+        raise CheckpointError(f"{file}: not the Sapiens MAE pretrain for these LoRA weights (expected "
+                              f"pos_embed (1, {1 + 64 * 64}, {dim}), found {shape})")
+    if not any(torch.allclose(pos.double(), t, atol=1e-4) for t in sincos_tables(64, dim)):
+        raise CheckpointError(f"{file}: not the Sapiens MAE pretrain: its position table is not the "
+                              f"fixed 2-D sin-cos table (a fine-tuned or other backbone?)")
 
 
 def sapiens_card(net: LandmarkNet, names: list[tuple[str, str]], name: str, source: str,
