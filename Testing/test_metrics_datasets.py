@@ -38,3 +38,22 @@ def test_bad_csv_is_reported_with_its_line(tmp_path):
     p.write_text("image_path,1_x,1_y\na.jpg,1,2\nb.jpg,3,oops\n")
     with pytest.raises(ValueError, match=r"x.csv:3: bad coordinate row"):
         read_landmark_csv(p)
+
+
+def test_platt_calibration_recovers_a_known_map():
+    from MedSapiensLandmarksLib.calibration import apply, fit_platt, flag_stats, reliability
+
+    rng = np.random.default_rng(0)
+    raw = rng.uniform(0.02, 0.98, 20000)
+    true_a, true_b = 2.0, -1.0  # the network is under-confident and biased
+    p = 1 / (1 + np.exp(-(true_a * np.log(raw / (1 - raw)) + true_b)))
+    hit = rng.random(raw.size) < p
+    a, b = fit_platt(raw, hit, prior=1e-6)
+    assert abs(a - true_a) < 0.1 and abs(b - true_b) < 0.1
+    cal = apply({"a": a, "b": b}, raw)
+    assert reliability(cal, hit)["ece"] < 0.02 < reliability(raw, hit)["ece"]
+    # with few points the prior keeps the raw confidence (a=1, b=0) rather than a wild fit
+    a2, b2 = fit_platt(raw[:3], hit[:3], prior=1.0)
+    assert abs(a2 - 1) < 1 and abs(b2) < 1
+    stats = flag_stats(np.array([0.1, 0.9, 0.4, 0.8]), np.array([3.0, 2.5, 1.0, 0.5]))
+    assert stats == {"flagged_pct": 50.0, "caught_pct": 50.0, "errors_over_radius": 2}

@@ -103,6 +103,42 @@ def test_lora_checkpoint_equals_explicit_lora_forward(tmp_path, x):
     assert torch.allclose(got, expected, atol=2e-4), (got - expected).abs().max()
 
 
+MEDSAPIENS_LORA_CFG = """model = dict(
+    backbone=dict(
+        type='mmpretrain.LoRAModel',
+        module=dict(type='mmpretrain.VisionTransformer', arch=model_name, qkv_bias=True),
+        alpha=4, rank=4,
+        drop_rate=0.1,
+        targets=[
+            dict(type='.*qkv'),
+            dict(type='proj', alpha=8, rank=8),
+        ]))
+"""
+
+
+def test_lora_scales_come_from_the_checkpoint_config(tmp_path, x):
+    from MedSapiensLandmarksLib.official import lora_scales_from_config
+
+    assert lora_scales_from_config(MEDSAPIENS_LORA_CFG) == {"qkv": 1.0, "proj": 1.0}
+    assert lora_scales_from_config("model = dict(backbone=dict(type='VisionTransformer'))") is None
+    cfg = MEDSAPIENS_LORA_CFG.replace("alpha=4, rank=4", "alpha=8, rank=4").replace("alpha=8, rank=8", "alpha=4, rank=8")
+    pre, lora, hd = pretrain_state(), lora_state(), head_state(19)
+    torch.save(pre, tmp_path / "sapiens_tiny_epoch_1_clean.pth")
+    save_mmengine(tmp_path / "best_EPE.pth", {**lora, **hd}, 19, config_text=cfg)
+    det = Detector.load(tmp_path / "best_EPE.pth")
+    assert det.card["lora_scales"] == {"qkv": 2.0, "proj": 0.5}
+
+    def lora_fn(i, name, scale):
+        p = f"backbone.module.layers.{i}.attn.{name}."
+        return lambda z: scale * F.linear(F.linear(z, lora[p + "lora_down.weight"]), lora[p + "lora_up.weight"])
+
+    heads = {(i, n): lora_fn(i, n, s) for i in range(DEPTH) for n, s in (("qkv", 2.0), ("proj", 0.5))}
+    with torch.no_grad():
+        expected = _reference_head(_reference_forward(x, pre, heads), hd)
+        got = det.nets["coarse"](x)
+    assert torch.allclose(got, expected, atol=2e-4), (got - expected).abs().max()
+
+
 def test_full_finetune_checkpoint_and_multidataset_split(tmp_path, x):
     pre, hd = pretrain_state(seed=3), head_state(88, seed=4)
     full = {f"backbone.{k}": v for k, v in pre.items() if k != "cls_token"}
@@ -113,7 +149,9 @@ def test_full_finetune_checkpoint_and_multidataset_split(tmp_path, x):
     with pytest.raises(CheckpointError, match=r"'foot' is not one of them"):
         Detector.load(tmp_path / "best_EPE_epoch_199.pth", anatomy="foot")
     det = Detector.load(tmp_path / "best_EPE_epoch_199.pth", anatomy="hand")
-    assert len(det.names) == 37 and det.card["name"].endswith("hand")
+    assert len(det.names) == 37 and det.card["name"].endswith("hand") and det.names[0] == "Hand_Point1"
+    chest = Detector.load(tmp_path / "best_EPE_epoch_199.pth", anatomy="chest")
+    assert chest.names == [f"Chest_Point{i}" for i in range(1, 7)]
     with torch.no_grad():
         expected = _reference_head(_reference_forward(x, pre, {}), hd, rows=slice(25, 62))
         got = det.nets["coarse"](x)

@@ -147,6 +147,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     rk = ev.ranking
     print(f"confidence: Spearman(conf, error) {rk['spearman']:.3f}; MRE of the 10% least confident "
           f"{rk['mre_least_confident_mm']:.3f} mm vs {rk['mre_rest_mm']:.3f} mm for the rest")
+    cal = ev.calibration
+    print(f"calibration: ECE(within 2 mm) {cal['ece_2mm']:.3f}; red flag (confidence < 0.5) on "
+          f"{cal['flagged_pct']:.1f}% of points, catching {cal['caught_pct']:.1f}% of the "
+          f"{cal['errors_over_radius']} errors > 2 mm")
     if ev.classes:
         print("classification agreement (%): " + ", ".join(
             f"{k} {v['accuracy_pct']:.1f}" for k, v in ev.classes.items() if isinstance(v, dict))
@@ -157,6 +161,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from .report import write_report
 
         print(f"report: {write_report(ev, args.report, str(args.csv))}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Fit the model card's confidence calibration on annotated validation cases."""
+    from .calibration import calibrate
+    from .cards import read_card, resolve
+    from .datasets import read_landmark_csv
+    from .evaluation import evaluate
+    from .markups import write_text
+
+    card_path = resolve(args.model)
+    if card_path.suffix == ".pth":
+        raise UsageError("calibrate writes into a model card: give a model folder or model.json")
+    cases = read_landmark_csv(args.csv, args.images, spacing=args.spacing)
+    cases = [c for c in cases if (not args.split or c.split == args.split)
+             and (not args.ids or c.case_id in args.ids.split(","))]
+    if not cases:
+        raise UsageError(f"{args.csv}: no cases selected")
+    det = load_detector(args)
+    ev = evaluate(det, cases, np.stack([c.xy for c in cases]))
+    card = read_card(card_path)
+    card["calibration"] = calibrate(ev.raw_confidence, ev.errors, cases=[c.case_id for c in cases])
+    write_text(card_path, json.dumps(card, indent=2) + "\n")
+    print(f"{card_path}: calibration {json.dumps(card['calibration'])}")
     return 0
 
 
@@ -351,6 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None)
     t.set_defaults(func=cmd_train)
+    c = sub.add_parser("calibrate", help="fit a model's confidence calibration on validation cases")
+    c.add_argument("csv", help="ISBI-style CSV of annotated validation cases (never the test sets)")
+    c.add_argument("--images", default=None)
+    c.add_argument("--spacing", type=float, default=0.1, help="mm per pixel (ISBI: 0.1)")
+    c.add_argument("--split", default=None)
+    c.add_argument("--ids", default=None, help="comma list of case ids")
+    model_opts(c)
+    c.set_defaults(func=cmd_calibrate)
+
     b = sub.add_parser("bench", help="time each stage of detection on one image")
     b.add_argument("image")
     b.add_argument("--model", default="default")

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .backends import Backend
+from .calibration import apply as calibrated
 from .codec import Box, decode_heatmaps, softmax_heatmaps, to_gray, to_uint8_range, warp
 from .imageio import Radiograph
 from .landmarks import Landmarks
@@ -110,9 +111,11 @@ class Detector:
             for stage in self.local_stages:
                 for _ in range(self.card[stage].get("iterations", 1)):
                     xy, c = self._refine(stage, gray, box, xy, bool(mirrored[i]))
-            results.append(Landmarks(list(self.names), list(self.descriptions), xy,
-                                     image.to_lps(xy), c.astype(np.float64),
-                                     {"model": self.card.get("name", ""), "image": image.path}))
+            # confidence: P(within 2 mm) when the card is calibrated, else the network's own
+            results.append(Landmarks(list(self.names), list(self.descriptions), xy, image.to_lps(xy),
+                                     calibrated(self.card.get("calibration"), c),
+                                     {"model": self.card.get("name", ""), "image": image.path,
+                                      "raw_confidence": c.astype(np.float64)}))
         clock.lap("refine")
         self.timings = clock.laps
         return results

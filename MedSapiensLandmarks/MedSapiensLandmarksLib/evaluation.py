@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import analysis
+from .calibration import flag_stats, reliability
 from .datasets import Case
 from .imageio import read_image
 from .metrics import SDR_RADII_MM, confidence_ranking, hand_scale, radial_errors, summarize
@@ -21,7 +22,8 @@ class Evaluation:
     pred: np.ndarray  # (N, K, 2) pixels
     truth: np.ndarray  # (N, K, 2) pixels
     errors: np.ndarray  # (N, K) mm
-    confidence: np.ndarray  # (N, K)
+    confidence: np.ndarray  # (N, K) as reported (calibrated when the model card is)
+    raw_confidence: np.ndarray  # (N, K) the network's own
     radii: tuple[float, ...]
     seconds_per_image: float
     classes: dict[str, Any] = field(default_factory=dict)
@@ -38,9 +40,16 @@ class Evaluation:
     def ranking(self) -> dict[str, float]:
         return confidence_ranking(self.confidence, self.errors)
 
+    @property
+    def calibration(self) -> dict[str, Any]:
+        """ECE against "within 2 mm", and what the red flag (confidence < 0.5) catches."""
+        rel = reliability(self.confidence, self.errors <= 2.0)
+        return {"ece_2mm": rel["ece"], "bins": rel["bins"], **flag_stats(self.confidence, self.errors)}
+
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "images": len(self.cases), "overall": self.overall,
                 "per_landmark": self.per_landmark, "confidence_ranking": self.ranking,
+                "calibration": self.calibration,
                 "classification": self.classes, "seconds_per_image": self.seconds_per_image,
                 "cases": [c.case_id for c in self.cases], "errors_mm": self.errors.round(4).tolist(),
                 "confidence": self.confidence.round(4).tolist()}
@@ -48,19 +57,20 @@ class Evaluation:
 
 def evaluate(det: Any, cases: Sequence[Case], truth: np.ndarray, hand: bool = False) -> Evaluation:
     """Run ``det`` on every case; errors in mm (hands: 50 mm wrist-width normalisation)."""
-    preds, scales, confs = [], [], []
+    preds, scales, confs, raws = [], [], [], []
     t0 = time.time()
     for case in cases:
         image = read_image(case.image, spacing=case.spacing)
         lm = det.detect(image)
         preds.append(lm.xy)
         confs.append(lm.confidence)
+        raws.append(lm.meta["raw_confidence"])
         scales.append(image.spacing[0])
     seconds = (time.time() - t0) / max(1, len(cases))
     pred = np.stack(preds)
     mm = hand_scale(truth) if hand else np.array(scales)
     ev = Evaluation(det.card.get("name", ""), list(det.names), list(cases), pred, truth,
-                    radial_errors(pred, truth, mm), np.stack(confs),
+                    radial_errors(pred, truth, mm), np.stack(confs), np.stack(raws),
                     (2.0, 4.0, 10.0) if hand else SDR_RADII_MM, seconds)
     if tuple(det.names) == analysis.CEPH_NAMES:
         ev.classes = classification_agreement(pred, truth, scales)

@@ -40,10 +40,16 @@ def numbered(prefix: str, description: str, count: int) -> list[tuple[str, str]]
 
 
 HAND_37 = numbered("H", "hand", 37)
-CHEST_6 = numbered("C", "chest", 6)
-LEG_26 = numbered("L", "leg", 26)
 
-# Channel layout of MedSapiens' 88-channel multi-dataset head: head | chest | hand | leg.
+
+def medsapiens_names(region: str, count: int) -> list[tuple[str, str]]:
+    """MedSapiens' own names (its dataset meta, ``med_sapien.py``: ``Chest_Point1`` ...)."""
+    return [(f"{region}_Point{i}", f"{region.lower()} landmark {i}") for i in range(1, count + 1)]
+
+
+# Channel layout of MedSapiens' 88-channel multi-dataset head: head | chest | hand | leg. The
+# head channels are the ISBI 2015 landmarks in ISBI order (MedSapiens calls them Head_Point1-19).
 MEDSAPIENS_MULTI: dict[str, tuple[int, list[tuple[str, str]]]] = {
-    "head": (0, CEPH_19), "chest": (19, CHEST_6), "hand": (25, HAND_37), "leg": (62, LEG_26),
+    "head": (0, CEPH_19), "chest": (19, medsapiens_names("Chest", 6)),
+    "hand": (25, medsapiens_names("Hand", 37)), "leg": (62, medsapiens_names("Leg", 26)),
 }

@@ -73,7 +73,12 @@ SAFE_GLOBALS = [_stand_in("mmengine.logging.history_buffer", "HistoryBuffer")]
 
 
 def read_pth(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict of a .pth, read without running pickled code (``weights_only``).
+    """The state dict of a .pth (see `read_checkpoint`)."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """State dict and mmengine ``meta`` of a .pth, read without running pickled code (``weights_only``).
 
     mmengine checkpoints (``{"meta", "state_dict", "message_hub", ...}``) are allowed numpy
     arrays/dtypes and mmengine's HistoryBuffer (as an inert stand-in) besides tensors; any
@@ -89,11 +94,32 @@ def read_pth(path: str | Path) -> dict[str, torch.Tensor]:
             AttributeError, TypeError, ValueError) as err:
         msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: refused or unreadable checkpoint ({msg})") from None
+    meta = obj.get("meta") if isinstance(obj, dict) and isinstance(obj.get("meta"), dict) else {}
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors (a state dict)")
-    return obj
+    return obj, meta
+
+
+def lora_scales_from_config(text: str) -> dict[str, float] | None:
+    """alpha / rank of the qkv and proj LoRA layers from a MedSapiens config (mmengine keeps
+    its text in ``meta['cfg']``): ``type='mmpretrain.LoRAModel' ... alpha=4, rank=4,
+    targets=[dict(type='.*qkv'), dict(type='proj', alpha=8, rank=8)]``; None if absent."""
+    model = re.search(r"mmpretrain\.LoRAModel", text)
+    if not model:
+        return None
+    tail = text[model.end():]
+    default = {k: float(v) for k, v in re.findall(r"\b(alpha|rank)\s*=\s*([0-9.]+)", tail.split("targets")[0])}
+    scales = {}
+    for body in re.findall(r"dict\(\s*type\s*=\s*['\"]([^'\"]+)['\"]([^)]*)\)", tail):
+        target, rest = body
+        own = {k: float(v) for k, v in re.findall(r"\b(alpha|rank)\s*=\s*([0-9.]+)", rest)}
+        alpha, rank = own.get("alpha", default.get("alpha")), own.get("rank", default.get("rank"))
+        for name in ("qkv", "proj"):
+            if alpha and rank and (re.fullmatch(target, f"layers.0.attn.{name}") or target.endswith(name)):
+                scales[name] = alpha / rank
+    return scales if set(scales) == {"qkv", "proj"} else None
 
 
 def resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -140,9 +166,8 @@ def infer_arch(embed_dim: int, depth: int) -> str:
 
 
 def merge_lora(state: dict[str, torch.Tensor], lora: dict[str, torch.Tensor],
-               scales: dict[str, float] | None = None) -> None:
+               scales: dict[str, float]) -> None:
     """W += scale * up @ down for every LoRA pair (in place on our ``vit.*`` state)."""
-    scales = scales or {"qkv": 1.0, "proj": 1.0}
     pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in lora.items():
         m = _LORA.match(key)
@@ -191,7 +216,7 @@ def load_official(path: str | Path, pretrain: str | Path | None = None, anatomy:
     ``flip``: heatmap flip test as the original inference config (``flip_test=True``,
     ``flip_mode='heatmap'``, ``shift_heatmap=False``); False halves the cost."""
     path = Path(path)
-    state = read_pth(path)
+    state, meta = read_checkpoint(path)
     head = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
     if "final_layer.weight" not in head:
         raise CheckpointError(f"{path}: no heatmap head (head.final_layer.weight); a Sapiens "
@@ -213,6 +238,9 @@ def load_official(path: str | Path, pretrain: str | Path | None = None, anatomy:
     depth = 1 + max(int(k.split(".")[2]) for k in bb if k.startswith("vit.blocks."))
     arch = infer_arch(qkv.shape[1], depth)
     if lora:
+        # scales: given > the checkpoint's own config text > alpha/rank = 1 (MedSapiens' configs)
+        lora_scales = (lora_scales or lora_scales_from_config(str(meta.get("cfg", "")))
+                       or {"qkv": 1.0, "proj": 1.0})
         merge_lora(bb, lora, lora_scales)
     k = head["final_layer.weight"].shape[0]
     names, head, anatomy = _landmarks_for(k, anatomy, head, path)
@@ -225,6 +253,8 @@ def load_official(path: str | Path, pretrain: str | Path | None = None, anatomy:
     card = sapiens_card(net, names, f"medsapiens-{arch}-{anatomy}", str(path), flip)
     if pretrain is not None:
         card["pretrain"] = str(pretrain)
+    if lora:
+        card["lora_scales"] = lora_scales
     return card, {"coarse": net}
 
 

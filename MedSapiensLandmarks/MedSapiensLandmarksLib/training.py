@@ -388,6 +388,15 @@ def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Seque
             data, batch = PatchSet(train_cases, grays, spec, cs, cfg, True), cfg.refine_batch_size
         run_stage(stage, net, data, tuple(spec["size"][::-1]), cfg, epochs[stage], batch, work,
                   validate(stage), log, softmax=spec.get("activation") == "softmax")
+    if val_cases and val_key == "val_mre_mm":  # every fit recalibrates its confidence
+        from .calibration import calibrate
+        from .evaluation import evaluate
+
+        final = Detector(card, TorchBackend(nets, "cpu", cfg.threads, channels_last=False))
+        ev = evaluate(final, val_cases, np.stack([c.xy for c in val_cases]))
+        card["calibration"] = calibrate(ev.raw_confidence, ev.errors, cases=[c.case_id for c in val_cases])
+    else:
+        card.pop("calibration", None)  # an inherited one would describe another model
     card["training"] = {**card.get("training", {}), "config": {
         k2: (list(v) if isinstance(v, tuple) else v) for k2, v in vars(cfg).items()},
         "train_cases": [c.case_id for c in train_cases], "val_cases": [c.case_id for c in val_cases],
