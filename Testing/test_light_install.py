@@ -22,7 +22,7 @@ BLOCK = textwrap.dedent("""
     sys.meta_path.insert(0, NoTorch())
     sys.path[:0] = [%r, %r]
 """) % (str(ROOT / "MedSapiensLandmarks"), str(ROOT / "Testing"))
-LIGHT = ["analysis", "atomic", "backends", "batch", "bench", "cards", "cli", "codec", "datasets",
+LIGHT = ["analysis", "atomic", "backends", "batch", "bench", "calibration", "cards", "cli", "codec", "datasets",
          "detector", "errors", "evaluation", "export", "gateway", "imageio", "inputs", "install", "landmarks",
          "loading", "logic", "markups", "metrics", "mrml", "overlay", "report", "weights", "web"]
 TORCH = ["checkpoints", "model", "official", "onnx_io", "training"]

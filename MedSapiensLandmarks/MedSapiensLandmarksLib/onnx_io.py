@@ -9,6 +9,7 @@ shipped model is its graphs and nothing else: fine-tuning and ``--init`` start f
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +35,12 @@ def export_graph(net: torch.nn.Module, input_chw: tuple[int, int, int], path: Pa
     was_training = net.training
     net.eval()
     try:
-        torch.onnx.export(net, torch.zeros(1, *input_chw), buf, input_names=["input"],
-                          output_names=["heatmaps"], opset_version=OPSET, dynamo=False,
-                          dynamic_axes={"input": {0: "batch"}, "heatmaps": {0: "batch"}},
-                          training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
+        with warnings.catch_warnings():  # the TorchScript exporter is deprecated; it is the one
+            warnings.simplefilter("ignore", DeprecationWarning)  # that keeps BatchNorm unfolded
+            torch.onnx.export(net, torch.zeros(1, *input_chw), buf, input_names=["input"],
+                              output_names=["heatmaps"], opset_version=OPSET, dynamo=False,
+                              dynamic_axes={"input": {0: "batch"}, "heatmaps": {0: "batch"}},
+                              training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
     finally:
         net.train(was_training)
     model = onnx.load_from_string(buf.getvalue())
