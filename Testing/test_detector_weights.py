@@ -145,3 +145,29 @@ def test_bench_batch_and_random_sapiens_path(ceph_dir, tmp_path):
     res = bench_image(ceph_dir / "images" / "151.jpg", repeat=1, det=det)
     assert res["model"] == "sapiens_tiny (random weights)" and res["raw_forward_s"] > 0
     assert res["stages_s"]["forward"] > 0
+
+
+def test_model_folder_published_as_a_zip_is_fetched_unpacked_and_loaded(tmp_path, monkeypatch, det, images):
+    import zipfile
+
+    from MedSapiensLandmarksLib.cards import resolve
+
+    monkeypatch.setenv("MEDSAPIENS_CACHE", str(tmp_path / "cache"))
+    folder = resolve("default").parent
+    archive = tmp_path / "ceph-release.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in folder.iterdir():
+            zf.write(f, f"ceph-release/{f.name}")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    url = f"{archive.as_uri()}#sha256={digest}"
+    card = resolve(url)
+    assert card.name == "model.json" and str(card).startswith(str(tmp_path / "cache"))
+    assert resolve(url) == card  # unpacked once, then served from the cache
+    got = Detector.load(url).detect(images[0])
+    assert np.abs(got.xy - det.detect(images[0]).xy).max() < 0.01
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("../escape/model.json", "{}")
+    with pytest.raises(CheckpointError, match="refused archive member"):
+        resolve(f"{evil.as_uri()}#sha256={hashlib.sha256(evil.read_bytes()).hexdigest()}")
+    assert not (tmp_path / "cache" / "escape").exists()

@@ -38,16 +38,18 @@ def shipped_models() -> list[str]:
 def resolve(model: str | Path) -> Path:
     """Shipped model name ("default" included), path, or ``URL#sha256=HEX`` -> an existing path.
 
-    URLs are downloaded once into the per-user cache and checked against the SHA256.
+    URLs are downloaded once into the per-user cache and checked against the SHA256; a ``.zip``
+    (a model folder published as a release asset) is unpacked there, once.
     """
     name = DEFAULT_MODEL if str(model) == "default" else str(model)
     if "://" in name:
-        from .weights import fetch
+        from .weights import fetch, unpack
 
         url, _, digest = name.partition("#sha256=")
         if len(digest) != 64:
             raise CheckpointError(f"{url}: a model URL needs '#sha256=<64 hex digits>'")
-        return fetch(url, digest)
+        path = fetch(url, digest)
+        return resolve(unpack(path)) if path.suffix == ".zip" else path
     shipped = models_dir() / name
     if shipped.is_dir():
         return shipped / "model.json"

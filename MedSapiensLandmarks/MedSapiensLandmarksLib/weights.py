@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -68,3 +69,26 @@ def fetch(url: str, sha256: str, name: str | None = None,
         if tmp_path.exists():
             tmp_path.unlink()
     return target
+
+
+def unpack(archive: Path) -> Path:
+    """A cached .zip unpacked beside it (once, atomically); returns the folder holding
+    ``model.json`` (the archive's root or its single top folder)."""
+    target = archive.with_suffix("")
+    if not target.exists():
+        tmp = Path(tempfile.mkdtemp(dir=archive.parent, suffix=".part"))
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                bad = [n for n in zf.namelist() if n.startswith("/") or ".." in Path(n).parts]
+                if bad:
+                    raise CheckpointError(f"{archive}: refused archive member {bad[0]!r}")
+                zf.extractall(tmp)
+            os.replace(tmp, target)
+        except zipfile.BadZipFile as err:
+            raise CheckpointError(f"{archive}: not a readable zip archive ({err})") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    cards = sorted(target.glob("model.json")) or sorted(target.glob("*/model.json"))
+    if len(cards) != 1:
+        raise CheckpointError(f"{archive}: expected one model folder (a model.json) in the archive")
+    return cards[0].parent
