@@ -123,9 +123,23 @@ def test_a_crashing_reader_costs_only_its_own_file(tmp_path, ceph_dir, monkeypat
 
 
 # -- checkpoints ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def onnx_hand(tmp_path_factory):
+    """The shipped hand model as ONNX graphs + card (converted if it is still format 1)."""
+    from MedSapiensLandmarksLib.cards import CARD_FORMAT_ONNX
+    from MedSapiensLandmarksLib.checkpoints import save_model
+
+    if json.loads((HAND / "model.json").read_text())["format"] == CARD_FORMAT_ONNX:
+        return HAND
+    det = Detector.load(HAND, backend="torch")
+    out = tmp_path_factory.mktemp("hand-onnx")
+    save_model(out, det.card, det.nets)
+    return out
+
+
 @pytest.fixture
-def hand_copy(tmp_path):
-    return shutil.copytree(HAND, tmp_path / "hand")
+def hand_copy(onnx_hand, tmp_path):
+    return shutil.copytree(onnx_hand, tmp_path / "hand")
 
 
 def _edit_card(folder, change):
@@ -134,25 +148,41 @@ def _edit_card(folder, change):
     (folder / "model.json").write_text(json.dumps(card))
 
 
-def test_truncated_weights_are_refused(hand_copy):
-    w = hand_copy / "model.safetensors"
-    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+def test_truncated_graph_is_refused(hand_copy):
+    g = hand_copy / "coarse.onnx"
+    g.write_bytes(g.read_bytes()[: g.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="coarse.onnx: not a readable ONNX graph"):
         Detector.load(hand_copy)
+    with pytest.raises(CheckpointError, match="coarse.onnx: not a readable ONNX file"):
+        Detector.load(hand_copy, backend="torch")
 
 
 def test_card_with_fewer_landmarks_than_the_weights_is_refused(hand_copy):
     _edit_card(hand_copy, lambda c: c["landmarks"].pop())
-    with pytest.raises(CheckpointError, match="predict 37 landmarks but the model card names 36"):
+    with pytest.raises(CheckpointError, match="the coarse graph predicts 37 landmarks but the model card names 36"):
+        Detector.load(hand_copy)
+    with pytest.raises(CheckpointError, match="the coarse weights predict 37 landmarks but the model card names 36"):
+        Detector.load(hand_copy, backend="torch")
+
+
+def test_card_framing_another_input_size_is_refused(hand_copy):
+    _edit_card(hand_copy, lambda c: c["refine"]["input"].update(size=[96, 96]))
+    with pytest.raises(CheckpointError, match=r"the refine graph takes 1x64x64 inputs, the card frames 1x96x96"):
         Detector.load(hand_copy)
 
 
 def test_card_describing_another_network_names_the_mismatch(hand_copy):
     _edit_card(hand_copy, lambda c: c["coarse"]["net"].update(encoder="resnet34"))
     with pytest.raises(CheckpointError, match="weights do not match the model; missing keys"):
-        Detector.load(hand_copy)
+        Detector.load(hand_copy, backend="torch")
     _edit_card(hand_copy, lambda c: c["coarse"]["net"].update(encoder="no-such-encoder"))
     with pytest.raises(CheckpointError, match="cannot build the coarse net"):
+        Detector.load(hand_copy, backend="torch")
+
+
+def test_missing_graph_is_named(hand_copy):
+    (hand_copy / "refine.onnx").unlink()
+    with pytest.raises(CheckpointError, match="refine.onnx: ONNX graph named by the model card is missing"):
         Detector.load(hand_copy)
 
 

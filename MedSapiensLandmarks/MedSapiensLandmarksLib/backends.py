@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
+from .errors import CheckpointError
+
 
 def default_threads() -> int:
     """CPU threads for inference: the machine's cores, at most 8."""
@@ -39,13 +41,22 @@ class OnnxBackend:
         opts.intra_op_num_threads = threads or default_threads()
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
-        self.sessions = {stage: ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-                         for stage, path in graphs.items()}
+        self.sessions = {}
+        for stage, path in graphs.items():
+            try:
+                self.sessions[stage] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            except Exception as err:  # noqa: BLE001 - ORT raises its own exception types
+                raise CheckpointError(f"{path}: not a readable ONNX graph ({str(err).strip()[:200]})") from None
         self.stages = tuple(self.sessions)
         self._inputs = {s: sess.get_inputs()[0].name for s, sess in self.sessions.items()}
 
     def run(self, stage: str, x: Any) -> Any:
         return self.sessions[stage].run(None, {self._inputs[stage]: x})[0]
+
+    def shapes(self, stage: str) -> tuple[list[Any], list[Any]]:
+        """Input and output dimensions of a stage's graph (batch is symbolic)."""
+        sess = self.sessions[stage]
+        return sess.get_inputs()[0].shape, sess.get_outputs()[0].shape
 
 
 class TorchBackend:

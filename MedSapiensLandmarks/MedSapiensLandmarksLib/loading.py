@@ -38,10 +38,26 @@ def load_model(model: str | Path = "default", device: str | None = None, threads
     if backend == "onnx":
         if not onnx_card:
             raise CheckpointError(f"{path}: a safetensors model (format 1) runs on the torch backend only")
-        return card, OnnxBackend(graph_paths(card, path), threads=threads)
+        onnx_backend = OnnxBackend(graph_paths(card, path), threads=threads)
+        check_graphs(card, onnx_backend, path)
+        return card, onnx_backend
     from .checkpoints import card_nets
 
     return card, _torch(card_nets(card, path), device, threads)
+
+
+def check_graphs(card: dict[str, Any], backend: OnnxBackend, path: Path) -> None:
+    """Each graph takes the input the card frames and predicts the card's landmarks."""
+    k = len(card["landmarks"])
+    for stage in backend.stages:
+        spec = card[stage]["input"]
+        (_, chans, h, w), (_, out_k, *_) = backend.shapes(stage)
+        if out_k != k:
+            raise CheckpointError(f"{path}: the {stage} graph predicts {out_k} landmarks but the model "
+                                  f"card names {k}")
+        if [chans, h, w] != [spec.get("channels", 1), *spec["size"]]:
+            raise CheckpointError(f"{path}: the {stage} graph takes {chans}x{h}x{w} inputs, the card "
+                                  f"frames {spec.get('channels', 1)}x{spec['size'][0]}x{spec['size'][1]}")
 
 
 def _torch(nets: dict[str, Any], device: str | None, threads: int | None) -> Backend:
