@@ -171,3 +171,26 @@ def test_model_folder_published_as_a_zip_is_fetched_unpacked_and_loaded(tmp_path
     with pytest.raises(CheckpointError, match="refused archive member"):
         resolve(f"{evil.as_uri()}#sha256={hashlib.sha256(evil.read_bytes()).hexdigest()}")
     assert not (tmp_path / "cache" / "escape").exists()
+
+
+def test_release_0_1_models_in_safetensors_still_load_on_torch(tmp_path, det, images):
+    """Card format 1 (model.safetensors, float16 by parameter name) runs on the torch backend."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from MedSapiensLandmarksLib.cards import CARD_FORMAT_SAFETENSORS
+
+    torch_det = Detector.load("default", backend="torch")
+    state = torch.nn.ModuleDict(torch_det.nets).state_dict()
+    save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()},
+              str(tmp_path / "model.safetensors"))
+    card = {k: v for k, v in torch_det.card.items() if k != "graphs"}
+    card.update(format=CARD_FORMAT_SAFETENSORS, weights="model.safetensors")
+    (tmp_path / "model.json").write_text(json.dumps(card))
+    old = Detector.load(tmp_path)
+    assert old.backend.name == "torch"
+    assert np.abs(old.detect(images[0]).xy - det.detect(images[0]).xy).max() < 0.01
+    with pytest.raises(CheckpointError, match="runs on the torch backend only"):
+        Detector.load(tmp_path, backend="onnx")
