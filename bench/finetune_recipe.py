@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-RECIPES = [(5, 3), (10, 5), (20, 10)]  # (coarse epochs, refine epochs)
+RECIPES = [(5, 3), (20, 10)]  # (coarse epochs, refine epochs)
 SIZES = [10, 25]
 SCORED = [f"{i:03d}" for i in range(126, 151)]
 

@@ -40,6 +40,7 @@ class TrainConfig:
     encoder: str = "resnet18"
     coarse_decoder: tuple[int, ...] = (256, 128, 64, 32)
     refine_decoder: tuple[int, ...] = (256, 128, 64, 32)
+    refine_encoder: str | None = None  # encoder of the local nets (None: ``encoder``)
     refine_depth: int | None = None  # encoder levels of the local nets (None: all)
     scale_range: tuple[float, float] = (0.9, 1.1)  # coarse affine scale augmentation
     patch_scale: float = 0.1  # local patches: log-uniform scale jitter +-
@@ -63,8 +64,9 @@ class TrainConfig:
 # augmentation for what differs between sites (pixel size, collimation, burned-in marks, JPEG).
 RECIPES: dict[str, dict[str, Any]] = {
     "v1": {},
-    "v2": dict(coarse_size=(512, 416), coarse_decoder=(128, 64, 32, 32), refine_decoder=(64, 32),
-               refine_depth=3, scale_range=(0.8, 1.25), patch_scale=0.2, site_shift=0.3),
+    "v2": dict(coarse_size=(512, 416), coarse_decoder=(128, 64, 32, 32), refine_encoder="resnet10t",
+               refine_decoder=(64, 32, 32), refine_depth=4, scale_range=(0.8, 1.25), patch_scale=0.1,
+               site_shift=0.3),
 }
 
 
@@ -306,7 +308,7 @@ def net_specs(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
     common = {"channels": 1, "mean": GRAY_MEAN, "std": GRAY_STD, "antialias": True,
               "activation": "softmax"}
     net = {"family": "unet", "encoder": cfg.encoder, "in_chans": 1, "out_stride": 2}
-    local = {**net, "decoder_channels": list(cfg.refine_decoder),
+    local = {**net, "encoder": cfg.refine_encoder or cfg.encoder, "decoder_channels": list(cfg.refine_decoder),
              **({"encoder_depth": cfg.refine_depth} if cfg.refine_depth else {})}
     return {
         "coarse": {"net": {**net, "decoder_channels": list(cfg.coarse_decoder)},
