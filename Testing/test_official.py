@@ -238,3 +238,19 @@ def test_sapiens_configs_match_the_published_sizes():
     names = set(net.state_dict())
     assert {"head.deconv_layers.0.weight", "head.deconv_layers.3.weight", "head.conv_layers.0.bias",
             "head.conv_layers.3.weight", "head.final_layer.weight"} <= names
+
+
+def test_official_models_flip_test_by_default_as_the_explicit_average(tmp_path):
+    """mmpose flip_test=True, flip_mode='heatmap', shift_heatmap=False, identity flip pairs."""
+    pre, hd = pretrain_state(seed=3), head_state(19, seed=4)
+    full = {f"backbone.{k}": v for k, v in pre.items() if k != "cls_token"}
+    save_mmengine(tmp_path / "full.pth", {**full, **hd}, 19)
+    det = Detector.load(tmp_path / "full.pth")
+    assert det.card["coarse"]["input"]["flip_test"] is True
+    x = np.random.default_rng(0).standard_normal((1, 3, 1024, 768)).astype(np.float32)
+    plain = det.backend.run("coarse", x)
+    mirrored = det.backend.run("coarse", np.ascontiguousarray(x[..., ::-1]))
+    expected = 0.5 * (plain + mirrored[..., ::-1])
+    got, _ = det._heatmaps("coarse", x)
+    assert np.allclose(got, expected, atol=1e-5) and not np.allclose(got, plain, atol=1e-3)
+    assert Detector.load(tmp_path / "full.pth", flip=False).card["coarse"]["input"]["flip_test"] is False

@@ -31,7 +31,7 @@ def cli(*args: str) -> str:
 
 def evaluate(model: str, csv_path: Path, images: Path, work: Path) -> float:
     report = work / f"eval-{abs(hash(model))}.json"
-    cli("evaluate", str(csv_path), "--images", str(images), "--model", model, "--json", str(report))
+    cli("evaluate", str(csv_path), "--images", str(images), "--model", model, "--json", str(report), "--threads", "1")
     return json.loads(report.read_text())["overall"]["mre_mm"]
 
 
@@ -52,7 +52,7 @@ def main(data: str, work: str) -> None:
             t0 = time.time()
             cli("train", "--csv", str(data / "train_junior.csv"), "--spacing", "0.1", "--ids", ids,
                 "--val-count", "0", "--init", "default", "--coarse-epochs", str(coarse),
-                "--refine-epochs", str(refine), "--threads", "2", "-o", str(out))
+                "--refine-epochs", str(refine), "--threads", "1", "-o", str(out))
             seconds = time.time() - t0
             res = {"cases": n, "recipe": f"{coarse}+{refine}", "train_s": round(seconds, 1),
                    "mre_mm": evaluate(str(out), scored, data / "images", work)}

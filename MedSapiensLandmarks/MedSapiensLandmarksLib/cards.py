@@ -15,7 +15,9 @@ from .errors import CheckpointError
 
 CARD_FORMAT_ONNX = "medsapiens-landmarks-model/2"
 CARD_FORMAT_SAFETENSORS = "medsapiens-landmarks-model/1"
-DEFAULT_MODEL = "ceph-default"
+DEFAULT_MODEL = "ceph-isbi2015"
+# Names of release 0.1 and "default" -> the shipped model that now answers to them.
+ALIASES = {"default": DEFAULT_MODEL, "ceph-default": DEFAULT_MODEL}
 STAGES = ("coarse", "context", "refine")
 
 
@@ -41,7 +43,7 @@ def resolve(model: str | Path) -> Path:
     URLs are downloaded once into the per-user cache and checked against the SHA256; a ``.zip``
     (a model folder published as a release asset) is unpacked there, once.
     """
-    name = DEFAULT_MODEL if str(model) == "default" else str(model)
+    name = ALIASES.get(str(model), str(model))
     if "://" in name:
         from .weights import fetch, unpack
 
