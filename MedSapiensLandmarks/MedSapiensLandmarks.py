@@ -45,6 +45,8 @@ class MedSapiensLandmarksParameterNode:
     sliceIndex: Annotated[int, WithinRange(0, 100000)] = 0
     model: str = "default"
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    # only for official multi-dataset checkpoints (88 channels); "" = the checkpoint's own set
+    anatomy: Annotated[str, Choice(["", "head", "chest", "hand", "leg"])] = ""
     landmarks: vtkMRMLMarkupsFiducialNode
     exportFolder: Path = Path.home() / "MedSapiensLandmarks" / "cases"
     caseId: str = ""
@@ -192,7 +194,7 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             depth = p.inputVolume.GetImageData().GetDimensions()[2]
             node = self.logic.core.detect(p.inputVolume, model=p.model, markups_node=p.landmarks,
                                           slice_index=p.sliceIndex if depth > 1 else None,
-                                          device=self._device())
+                                          device=self._device(), anatomy=p.anatomy or None)
             if p.landmarks is not node:
                 p.landmarks = node
             self.ui.statusLabel.text = f"{node.GetNumberOfControlPoints()} landmarks; drag to correct."

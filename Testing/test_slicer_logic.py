@@ -334,3 +334,21 @@ def test_rgb_vector_volume_is_detected(ceph_dir, tmp_path, scene):
     lm = logic.detector().detect(read_image(ceph_dir / "images" / "151.jpg"))
     got = np.array([node.GetNthControlPointPosition(i) for i in range(19)])
     assert np.abs(got - pixel_to_ras(vol, lm.xy)).max() < 0.01
+
+
+def test_anatomy_of_an_official_multi_dataset_checkpoint_is_chosen_in_the_logic(ceph_dir, tmp_path, scene):
+    from official_fixtures import head_state, pretrain_state, save_mmengine
+
+    from MedSapiensLandmarksLib.errors import CheckpointError
+
+    full = {f"backbone.{k}": v for k, v in pretrain_state().items() if k != "cls_token"}
+    ckpt = tmp_path / "multi.pth"
+    save_mmengine(ckpt, {**full, **head_state(88)}, 88)
+    vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path))
+    logic = LandmarksLogic(scene)
+    with pytest.raises(CheckpointError, match="choose the anatomy"):
+        logic.detect(vol, model=str(ckpt))
+    node = logic.detect(vol, model=str(ckpt), anatomy="chest")
+    assert [node.GetNthControlPointLabel(i) for i in range(node.GetNumberOfControlPoints())] == \
+        [f"Chest_Point{i}" for i in range(1, 7)]
+    assert logic.detector("default", anatomy="chest") is logic.detector("default")  # ours: ignored

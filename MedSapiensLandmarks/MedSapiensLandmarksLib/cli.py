@@ -299,7 +299,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_sessions < 1:
         raise UsageError("--max-sessions must be at least 1")
     serve(args.host, args.port, args.export_dir, args.model, token=args.token,
-          max_sessions=args.max_sessions, idle_s=args.session_timeout)
+          max_sessions=args.max_sessions, idle_s=args.session_timeout, anatomy=args.anatomy)
     return 0
 
 
@@ -411,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--export-dir", default="medsapiens-cases", help="where Export writes cases")
     w.add_argument("--model", default="default")
     w.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
+    w.add_argument("--anatomy", default=None, help="official multi-dataset checkpoints: head|chest|hand|leg")
     w.add_argument("--token", default=None,
                    help="access token (default: generated and printed when not on loopback)")
     w.add_argument("--max-sessions", type=int, default=4, help="browsers served at once (one worker each)")

@@ -52,9 +52,10 @@ class Gateway:
     """Sessions and the reverse proxy (aiohttp)."""
 
     def __init__(self, export_dir: str | Path, model: str = "default", token: str | None = None,
-                 max_sessions: int = 4, idle_s: float = 120.0, start_timeout_s: float = 180.0) -> None:
+                 max_sessions: int = 4, idle_s: float = 120.0, start_timeout_s: float = 180.0,
+                 anatomy: str | None = None) -> None:
         self.export_dir = Path(export_dir).resolve()
-        self.model, self.token, self.max_sessions = model, token, max_sessions
+        self.model, self.token, self.max_sessions, self.anatomy = model, token, max_sessions, anatomy
         self.idle_s, self.start_timeout_s = idle_s, start_timeout_s
         self.sessions: dict[str, Session] = {}
         self.uploads_root = Path(tempfile.mkdtemp(prefix="medsapiens-uploads-"))
@@ -71,6 +72,7 @@ class Gateway:
         cmd = [sys.executable, "-m", "MedSapiensLandmarksLib.web", "--port", str(port),
                "--export-dir", str(exports), "--upload-dir", str(uploads), "--model", self.model,
                "--idle-timeout", str(int(self.idle_s) + 60)]
+        cmd += ["--anatomy", self.anatomy] if self.anatomy else []
         proc = subprocess.Popen(cmd, cwd=str(Path(__file__).resolve().parents[1]),
                                 start_new_session=True)  # its messages go to the server console
         session = Session(sid, port, proc, uploads, exports)
@@ -208,13 +210,13 @@ class Gateway:
 
 def serve(host: str = "127.0.0.1", port: int = 8080, export_dir: str = "medsapiens-cases",
           model: str = "default", token: str | None = None, max_sessions: int = 4,
-          idle_s: float = 120.0) -> None:
+          idle_s: float = 120.0, anatomy: str | None = None) -> None:
     """Run the gateway until interrupted; off loopback a token is always required."""
     from aiohttp import web
 
     if token is None and host not in LOOPBACK:
         token = secrets.token_urlsafe(24)
-    gateway = Gateway(export_dir, model, token, max_sessions, idle_s)
+    gateway = Gateway(export_dir, model, token, max_sessions, idle_s, anatomy=anatomy)
     query = f"?token={token}" if token else ""
     print(f"MedSapiens Landmarks: open http://{host}:{port}/{query} "
           f"(up to {max_sessions} sessions; exports under {gateway.export_dir})", flush=True)

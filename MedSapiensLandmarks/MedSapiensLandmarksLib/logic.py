@@ -41,18 +41,23 @@ class LandmarksLogic:
 
     def __init__(self, scene: Any) -> None:
         self.scene = scene
-        self._detectors: dict[tuple[str, str | None], Detector] = {}
+        self._detectors: dict[tuple[str, str | None, str | None], Detector] = {}
         self._observed: dict[Any, int] = {}
 
-    def detector(self, model: str = "default", device: str | None = None) -> Detector:
-        key = (str(model), device)
+    def detector(self, model: str = "default", device: str | None = None,
+                 anatomy: str | None = None) -> Detector:
+        """The loaded model; ``anatomy`` picks the landmark set of an official multi-dataset
+        checkpoint (ignored for other models)."""
+        official = {"anatomy": anatomy} if anatomy and str(model).endswith(".pth") else {}
+        key = (str(model), device, official.get("anatomy"))
         if key not in self._detectors:
-            self._detectors[key] = Detector.load(model, device=device)
+            self._detectors[key] = Detector.load(model, device=device, **official)
         return self._detectors[key]
 
-    def add_detector(self, model: str, detector: Detector, device: str | None = None) -> None:
+    def add_detector(self, model: str, detector: Detector, device: str | None = None,
+                     anatomy: str | None = None) -> None:
         """Use an already loaded detector for ``model`` (loaded before the scene libraries)."""
-        self._detectors[(str(model), device)] = detector
+        self._detectors[(str(model), device, anatomy if str(model).endswith(".pth") else None)] = detector
 
     def observe(self, markups_node: Any) -> None:
         """Track corrections on this node (a node picked by the user, or loaded from a scene)."""
@@ -62,10 +67,11 @@ class LandmarksLogic:
             self._observed[markups_node] = observe_corrections(markups_node)
 
     def detect(self, volume_node: Any, model: str = "default", markups_node: Any | None = None,
-               slice_index: int | None = None, axis: int = 2, device: str | None = None) -> Any:
+               slice_index: int | None = None, axis: int = 2, device: str | None = None,
+               anatomy: str | None = None) -> Any:
         """Run the model on the volume (or one slice of it) and write/update the markups node."""
         image = volume_to_radiograph(volume_node, slice_index, axis)
-        lm = self.detector(model, device).detect(image)
+        lm = self.detector(model, device, anatomy).detect(image)
         node = landmarks_to_node(self.scene, lm, markups_node,
                                  name=f"{volume_node.GetName()} landmarks", volume_node=volume_node)
         self.observe(node)

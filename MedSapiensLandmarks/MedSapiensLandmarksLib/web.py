@@ -57,7 +57,7 @@ class LandmarksWebApp:
 
     def __init__(self, server: Any = None, export_dir: str | Path = "medsapiens-cases",
                  model: str = "default", uploads: str | Path | None = None,
-                 detector: Detector | None = None) -> None:
+                 detector: Detector | None = None, anatomy: str | None = None) -> None:
         from trame.app import get_server
         from trame_slicer.core import LayoutManager, SlicerApp
         from trame_slicer.rca_view import register_rca_factories
@@ -70,8 +70,9 @@ class LandmarksWebApp:
         self.layouts.register_layout_dict(
             {"slice": Layout(LayoutDirection.Vertical, [ViewLayoutDefinition.axial_view()])})
         self.logic = LandmarksLogic(self.slicer.scene)
+        self.anatomy = anatomy
         if detector is not None:
-            self.logic.add_detector(model, detector)
+            self.logic.add_detector(model, detector, anatomy=anatomy)
         self.model, self.export_dir = model, Path(export_dir).resolve()
         self.uploads = Path(uploads) if uploads else Path(tempfile.mkdtemp(prefix="medsapiens-web-"))
         self.uploads.mkdir(parents=True, exist_ok=True)
@@ -132,7 +133,8 @@ class LandmarksWebApp:
         if self.volume is None:
             return self._error("open an image first")
         new = self.markups is None
-        self.markups = self.logic.detect(self.volume, self.model, markups_node=self.markups)
+        self.markups = self.logic.detect(self.volume, self.model, markups_node=self.markups,
+                                         anatomy=self.anatomy)
         if new:  # re-detection reuses the node: one observer per node
             self.markups.AddObserver(self.markups.PointEndInteractionEvent, lambda *_: self.refresh())
         self.refresh()
@@ -265,14 +267,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--export-dir", required=True)
     p.add_argument("--upload-dir", required=True)
     p.add_argument("--model", default="default")
+    p.add_argument("--anatomy", default=None, help="official multi-dataset checkpoints: head|chest|hand|leg")
     p.add_argument("--idle-timeout", type=int, default=300, help="exit after this long without a page")
     args = p.parse_args(argv)
     sys.argv = sys.argv[:1]  # trame parses the command line too: give it none of ours
     # The model (and torch, for torch models) is loaded before trame and VTK: importing torch
     # after them crashed the process (triton's import, seen with slicer-core 5.11 + torch 2.14).
-    detector = Detector.load(args.model)
+    official = {"anatomy": args.anatomy} if args.anatomy else {}
+    detector = Detector.load(args.model, **official)
     app = LandmarksWebApp(export_dir=args.export_dir, model=args.model, uploads=args.upload_dir,
-                          detector=detector)
+                          detector=detector, anatomy=args.anatomy)
     app.server.start(host="127.0.0.1", port=args.port, open_browser=False, timeout=args.idle_timeout,
                      show_connection_info=False)
 
