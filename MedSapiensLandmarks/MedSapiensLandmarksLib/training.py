@@ -45,6 +45,7 @@ class TrainConfig:
     scale_range: tuple[float, float] = (0.9, 1.1)  # coarse affine scale augmentation
     patch_scale: float = 0.1  # local patches: log-uniform scale jitter +-
     site_shift: float = 0.0  # probability of each scanner/site change (borders, marks, JPEG)
+    orientation: str = "auto"  # detection also tries the mirror image and keeps the surer one
     coarse_epochs: int = 40
     context_epochs: int = 0
     refine_epochs: int = 25
@@ -312,7 +313,8 @@ def net_specs(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
              **({"encoder_depth": cfg.refine_depth} if cfg.refine_depth else {})}
     return {
         "coarse": {"net": {**net, "decoder_channels": list(cfg.coarse_decoder)},
-                   "input": {**common, "size": list(cfg.coarse_size), "padding": 1.0}},
+                   "input": {**common, "size": list(cfg.coarse_size), "padding": 1.0,
+                             "orientation": cfg.orientation}},
         "context": {"net": dict(local), "input": {**common, "size": list(cfg.context_size),
                                                   "box_fraction": cfg.context_fraction}},
         "refine": {"net": dict(local), "input": {**common, "size": list(cfg.refine_size),

@@ -181,7 +181,7 @@ class LandmarksWebApp:
         if not (self.export_dir / "dataset.json").exists():
             return self._error("export at least one case first")
         self.job = FinetuneJob(self.export_dir, self.export_dir.parent / f"{self.export_dir.name}-model",
-                               init=self.model, coarse_epochs=2, refine_epochs=1)
+                               init=self.model)
         self.server.state.finetune_running = True
         self.server.state.status = "fine-tuning…"
 
