@@ -31,12 +31,6 @@ def models_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[1] / "Resources" / "Models"
 
 
-def shipped_models() -> list[str]:
-    """Names of the models in `models_dir` (folders holding a model.json)."""
-    root = models_dir()
-    return sorted(p.parent.name for p in root.glob("*/model.json")) if root.is_dir() else []
-
-
 def resolve(model: str | Path) -> Path:
     """Shipped model name ("default" included), path, or ``URL#sha256=HEX`` -> an existing path.
 

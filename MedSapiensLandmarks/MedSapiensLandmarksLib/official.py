@@ -72,11 +72,6 @@ def _numpy_globals() -> list[Any]:
 SAFE_GLOBALS = [_stand_in("mmengine.logging.history_buffer", "HistoryBuffer")]
 
 
-def read_pth(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict of a .pth (see `read_checkpoint`)."""
-    return read_checkpoint(path)[0]
-
-
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """State dict and mmengine ``meta`` of a .pth, read without running pickled code (``weights_only``).
 
@@ -228,7 +223,7 @@ def load_official(path: str | Path, pretrain: str | Path | None = None, anatomy:
         bb = backbone_state(full, grid)
     else:
         pretrain = Path(pretrain) if pretrain else find_pretrain(path, lora)
-        pre = read_pth(pretrain)
+        pre = read_checkpoint(pretrain)[0]
         pre = {k[9:] if k.startswith("backbone.") else k: v for k, v in pre.items()}
         check_pretrain(pretrain, pre, lora)
         bb = backbone_state(pre, grid)
