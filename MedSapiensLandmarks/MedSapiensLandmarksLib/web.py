@@ -194,7 +194,7 @@ class LandmarksWebApp:
             if not self.job.running:
                 res = self.job.result()
                 s.finetune_running = False
-                s.status = (f"fine-tuned model: {res['model']} (accepted: {res['accepted']})"
+                s.status = (f"fine-tuned model: {res['model']} ({res['status']})"
                             if res["returncode"] == 0 else "fine-tuning failed: " + " ".join(res["log_tail"]))
                 self.job = None
 
