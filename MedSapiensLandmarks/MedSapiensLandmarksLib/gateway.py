@@ -37,7 +37,6 @@ class Session:
     port: int
     proc: subprocess.Popen
     uploads: Path
-    exports: Path
     sockets: int = 0
     last_seen: float = field(default_factory=time.monotonic)
 
@@ -75,7 +74,7 @@ class Gateway:
         cmd += ["--anatomy", self.anatomy] if self.anatomy else []
         proc = subprocess.Popen(cmd, cwd=str(Path(__file__).resolve().parents[1]),
                                 start_new_session=True)  # its messages go to the server console
-        session = Session(sid, port, proc, uploads, exports)
+        session = Session(sid, port, proc, uploads)
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if proc.poll() is not None:
