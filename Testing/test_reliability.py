@@ -16,7 +16,7 @@ from MedSapiensLandmarksLib.cli import main
 from MedSapiensLandmarksLib.imageio import read_image
 from MedSapiensLandmarksLib.markups import read_markups
 
-HAND = ROOT / "MedSapiensLandmarks" / "Resources" / "Models" / "hand-default"
+HAND = ROOT / "MedSapiensLandmarks" / "Resources" / "Models" / "hand-dha"
 
 
 @pytest.fixture(scope="module")

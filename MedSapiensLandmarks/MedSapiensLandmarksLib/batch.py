@@ -62,10 +62,10 @@ def stream_images(paths: Sequence[Path], workers: int = 1, prefetch: int = 2,
         nxt = start
         try:
             while start < len(paths):
-                while nxt < len(paths) and len(queue) < workers * prefetch:
-                    queue.append(pool.submit(read_item, paths[nxt], read_kwargs))
-                    nxt += 1
                 try:
+                    while nxt < len(paths) and len(queue) < workers * prefetch:
+                        queue.append(pool.submit(read_item, paths[nxt], read_kwargs))
+                        nxt += 1
                     item = queue[0].result()
                 except BrokenProcessPool:  # a worker died: retry this file alone, then go on
                     item = _alone(paths[start], read_kwargs)
