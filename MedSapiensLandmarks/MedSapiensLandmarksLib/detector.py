@@ -58,7 +58,7 @@ class Detector:
         """Run a stage (with its flip test when the card asks) -> (peak-1 heatmaps, confidence)."""
         spec = self.card[stage]["input"]
         if spec.get("flip_test"):  # mmpose flip_mode='heatmap', shift_heatmap=False
-            both = self.backend.run(stage, np.concatenate([x, x[..., ::-1].copy()]))
+            both = self.backend.run(stage, np.concatenate([x, x[..., ::-1]]))
             out = 0.5 * (both[:len(x)] + both[len(x):][..., ::-1])
         else:
             out = self.backend.run(stage, x)

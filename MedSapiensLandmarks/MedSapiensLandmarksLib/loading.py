@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .backends import Backend, OnnxBackend
+from .backends import Backend, OnnxBackend, TorchBackend
 from .cards import CARD_FORMAT_ONNX, graph_paths, read_card, resolve
 from .errors import CheckpointError
 
@@ -61,6 +61,4 @@ def check_graphs(card: dict[str, Any], backend: OnnxBackend, path: Path) -> None
 
 
 def _torch(nets: dict[str, Any], device: str | None, threads: int | None) -> Backend:
-    from .backends import TorchBackend
-
     return TorchBackend(nets, device=device, threads=threads)

@@ -48,16 +48,16 @@ class LandmarksLogic:
                  anatomy: str | None = None) -> Detector:
         """The loaded model; ``anatomy`` picks the landmark set of an official multi-dataset
         checkpoint (ignored for other models)."""
-        official = {"anatomy": anatomy} if anatomy and str(model).endswith(".pth") else {}
-        key = (str(model), device, official.get("anatomy"))
+        key = _detector_key(model, device, anatomy)
         if key not in self._detectors:
+            official = {"anatomy": key[2]} if key[2] else {}
             self._detectors[key] = Detector.load(model, device=device, **official)
         return self._detectors[key]
 
     def add_detector(self, model: str, detector: Detector, device: str | None = None,
                      anatomy: str | None = None) -> None:
         """Use an already loaded detector for ``model`` (loaded before the scene libraries)."""
-        self._detectors[(str(model), device, anatomy if str(model).endswith(".pth") else None)] = detector
+        self._detectors[_detector_key(model, device, anatomy)] = detector
 
     def observe(self, markups_node: Any) -> None:
         """Track corrections on this node (a node picked by the user, or loaded from a scene)."""
@@ -102,6 +102,11 @@ class LandmarksLogic:
         for node, tag in self._observed.items():
             node.RemoveObserver(tag)
         self._observed.clear()
+
+
+def _detector_key(model: str, device: str | None, anatomy: str | None) -> tuple[str, str | None, str | None]:
+    """Cache key of a loaded model; the anatomy only counts for official .pth checkpoints."""
+    return str(model), device, anatomy if anatomy and str(model).endswith(".pth") else None
 
 
 # Fine-tuning recipe of the Fine-tune buttons, chosen on a new-site proxy (junior annotations,
