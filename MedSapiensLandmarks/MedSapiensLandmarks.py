@@ -84,6 +84,8 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.modelFileButton.connect("clicked(bool)", self.onChooseModelFile)
         self.ui.landmarkTable.connect("cellClicked(int,int)", self.onTableClicked)
+        self.ui.tracingCheckBox.connect("toggled(bool)", lambda checked: self._fillTable())
+        self.ui.warningLabel.hide()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -178,6 +180,34 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 if row["confidence"] < LOW_CONFIDENCE and not row["corrected"]:
                     item.setForeground(qt.QBrush(qt.QColor("red")))
                 table.setItem(r, c, item)
+        self._showAnalysis(node)
+
+    def _showAnalysis(self, node) -> None:
+        """The plausibility warning, the measurements of the current points, the tracing lines."""
+        from MedSapiensLandmarksLib.cephalometry import cells
+        from MedSapiensLandmarksLib.mrml import plausibility_warning
+
+        warning = plausibility_warning(node)
+        self.ui.warningLabel.text = f"Warning: {warning}" if warning else ""
+        self.ui.warningLabel.visible = bool(warning)
+        volume = self._parameterNode.inputVolume if self._parameterNode else None
+        rows = self.logic.core.measurements(volume, node, self._sliceIndex()) if node and volume else []
+        table = self.ui.measurementTable
+        table.visible = self.ui.tracingCheckBox.visible = bool(rows)
+        table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            for c, text in enumerate(cells(row)):
+                item = qt.QTableWidgetItem(text)
+                item.setToolTip(f"{row['definition']} ({row['source']})")
+                if row["uncertain"]:
+                    item.setForeground(qt.QBrush(qt.QColor("darkorange")))
+                table.setItem(r, c, item)
+        if rows:
+            self.logic.core.tracing(node, self.ui.tracingCheckBox.checked)
+
+    def _sliceIndex(self):
+        p = self._parameterNode
+        return p.sliceIndex if p.inputVolume.GetImageData().GetDimensions()[2] > 1 else None
 
     def _device(self):
         return None if self._parameterNode.device == "auto" else self._parameterNode.device
@@ -191,9 +221,8 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 return
             self.ui.statusLabel.text = "Detecting..."
             slicer.app.processEvents()
-            depth = p.inputVolume.GetImageData().GetDimensions()[2]
             node = self.logic.core.detect(p.inputVolume, model=p.model, markups_node=p.landmarks,
-                                          slice_index=p.sliceIndex if depth > 1 else None,
+                                          slice_index=self._sliceIndex(),
                                           device=self._device(), anatomy=p.anatomy or None)
             if p.landmarks is not node:
                 p.landmarks = node
@@ -215,10 +244,8 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def onExport(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
-            depth = p.inputVolume.GetImageData().GetDimensions()[2]
             case = self.logic.core.export(p.inputVolume, p.landmarks, p.exportFolder,
-                                          case_id=p.caseId or None,
-                                          slice_index=p.sliceIndex if depth > 1 else None)
+                                          case_id=p.caseId or None, slice_index=self._sliceIndex())
             self.ui.statusLabel.text = f"Exported {case}"
 
     def onFinetune(self) -> None:

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .geometry import angle_at, between, distance, facing_right, lines, signed
 from .landmarks import CEPH_19
 
 MEASUREMENTS = ("ANB", "SNB", "SNA", "ODI", "APDI", "FHI", "FMA", "MW")
@@ -36,6 +37,12 @@ MEASUREMENTS = ("ANB", "SNB", "SNA", "ODI", "APDI", "FHI", "FMA", "MW")
 LIMITS = {"ANB": (3.2, 5.7, 3, 1, 2), "SNB": (74.6, 78.7, 2, 1, 3), "SNA": (79.4, 83.2, 3, 1, 2),
           "ODI": (68.4, 80.5, 3, 1, 2), "APDI": (77.6, 85.2, 2, 1, 3), "FHI": (0.65, 0.75, 3, 1, 2),
           "FMA": (26.8, 31.4, 3, 1, 2)}
+DEFINITIONS = {
+    "ANB": "angle A-N-B (SNA - SNB)", "SNB": "angle S-N-B", "SNA": "angle S-N-A",
+    "ODI": "angle(A-B, Go-Me) + angle(PNS-ANS, FH)", "APDI": "facial angle + A-B plane angle + palatal plane angle",
+    "FHI": "|S-Go| / |N-Me|", "FMA": "angle between FH (Po-Or) and Go-Me",
+    "MW": "UIT-LIT distance, negative when the lower incisor is ahead (mm)",
+}
 CLASS_NAMES = {
     "ANB": {1: "class I", 2: "class II", 3: "class III"},
     "SNB": {1: "normal mandible", 2: "retrognathic mandible", 3: "prognathic mandible"},
@@ -49,54 +56,31 @@ CLASS_NAMES = {
 CEPH_NAMES = tuple(name for name, _ in CEPH_19)
 
 
-def _angle_at(p: np.ndarray, vertex: np.ndarray, q: np.ndarray) -> float:
-    """Unsigned angle p-vertex-q in degrees."""
-    return _between(p - vertex, q - vertex)
-
-
-def _between(u: np.ndarray, v: np.ndarray) -> float:
-    """Unsigned angle between two vectors in degrees."""
-    cos = np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v))
-    return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
-
-
-def _lines(u: np.ndarray, v: np.ndarray) -> float:
-    """Acute angle between two lines (directions u, v) in degrees."""
-    a = _between(u, v)
-    return min(a, 180.0 - a)
-
-
-def _signed(u: np.ndarray, v: np.ndarray) -> float:
-    """Angle from u to v in degrees, counter-clockwise positive on an upright, right-facing image."""
-    cross = u[0] * v[1] - u[1] * v[0]  # image y points down: flip the sign
-    return float(-np.degrees(np.arctan2(cross, np.dot(u, v))))
-
-
 def measure(xy: np.ndarray, spacing: float | Sequence[float] = 0.1,
-            names: Sequence[str] = CEPH_NAMES) -> dict[str, float]:
-    """The 8 measurements (degrees; FHI a ratio; MW in mm) from 19 landmarks in pixels."""
+            names: Sequence[str] = CEPH_NAMES) -> dict[str, Any]:
+    """The 8 measurements (degrees; FHI a ratio; MW in mm) from 19 landmarks in pixels; ``xy``
+    may carry leading axes (samples), the values then have them too."""
     sx, sy = (spacing, spacing) if np.isscalar(spacing) else spacing
-    p = np.asarray(xy, dtype=np.float64) * [sx, sy]  # millimetres, y down
-    if p[names.index("N"), 0] < p[names.index("S"), 0]:  # facing left: mirror to face right
-        p[:, 0] = -p[:, 0]
-    S, N, Or, Po, A, B, Pog, Me, _Gn, Go, LIT, UIT = (p[names.index(n)] for n in CEPH_NAMES[:12])
-    PNS, ANS = p[names.index("PNS")], p[names.index("ANS")]
+    p = facing_right(np.asarray(xy, dtype=np.float64) * [sx, sy], names.index("S"), names.index("N"))
+    S, N, Or, Po, A, B, Pog, Me, _Gn, Go, LIT, UIT = (p[..., names.index(n), :] for n in CEPH_NAMES[:12])
+    PNS, ANS = p[..., names.index("PNS"), :], p[..., names.index("ANS"), :]
     fh, palatal = Or - Po, ANS - PNS  # both pointing forward
-    palatal_angle = _signed(fh, palatal)  # + when ANS is tilted up
-    ab_angle = _signed(Pog - N, B - A)  # + when B is ahead of the N-Pog line
-    facial = _between(Po - Or, Pog - N)  # posterior-inferior angle of FH and N-Pog
-    overjet = np.linalg.norm(UIT - LIT) * (1.0 if UIT[0] >= LIT[0] else -1.0)
-    sna, snb = _angle_at(S, N, A), _angle_at(S, N, B)
-    return {
+    palatal_angle = signed(fh, palatal)  # + when ANS is tilted up
+    ab_angle = signed(Pog - N, B - A)  # + when B is ahead of the N-Pog line
+    facial = between(Po - Or, Pog - N)  # posterior-inferior angle of FH and N-Pog
+    overjet = distance(UIT, LIT) * np.where(UIT[..., 0] >= LIT[..., 0], 1.0, -1.0)
+    sna, snb = angle_at(S, N, A), angle_at(S, N, B)
+    values = {
         "ANB": sna - snb,
         "SNB": snb,
         "SNA": sna,
-        "ODI": _lines(B - A, Me - Go) + palatal_angle,
+        "ODI": lines(B - A, Me - Go) + palatal_angle,
         "APDI": facial + ab_angle + palatal_angle,
-        "FHI": float(np.linalg.norm(Go - S) / np.linalg.norm(Me - N)),
-        "FMA": _lines(fh, Me - Go),
-        "MW": float(overjet),
+        "FHI": distance(Go, S) / distance(Me, N),
+        "FMA": lines(fh, Me - Go),
+        "MW": overjet,
     }
+    return {k: float(v) for k, v in values.items()} if p.ndim == 2 else values
 
 
 def classify(values: dict[str, float]) -> dict[str, int]:

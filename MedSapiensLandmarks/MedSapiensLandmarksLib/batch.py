@@ -122,6 +122,9 @@ def detect_files(det: Any, paths: Sequence[Path], out_dir: Path, formats: Sequen
                        "png": lambda p: write_overlay(p, image, lm),
                        "analysis": lambda p: write_analysis(p, lm, image.spacing)}
             written = [writers[f](p) for f, p in zip(formats, outputs_for(out_dir, name, formats))]
+            verdict = lm.meta.get("plausibility")
+            if verdict and not verdict["plausible"]:
+                say(f"warning: {path}: {verdict['warning']}", True)
             if not image.spacing_known and read_kwargs.get("spacing") is None:
                 say(f"warning: {path}: the file has no pixel spacing; positions use 1 mm/pixel "
                     f"(give --spacing)", True)

@@ -165,11 +165,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    """Fit the model card's confidence calibration on annotated validation cases."""
-    from .calibration import calibrate
+    """Fit the model card's confidence calibration (with ``--train-csv`` also its shape model
+    and verdict limits) on annotated validation cases."""
     from .cards import read_card, resolve
     from .datasets import read_landmark_csv
-    from .evaluation import evaluate
+    from .evaluation import card_entries
     from .markups import write_text
 
     card_path = resolve(args.model)
@@ -180,12 +180,22 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
              and (not args.ids or c.case_id in args.ids.split(","))]
     if not cases:
         raise UsageError(f"{args.csv}: no cases selected")
-    det = load_detector(args)
-    ev = evaluate(det, cases, np.stack([c.xy for c in cases]))
     card = read_card(card_path)
-    card["calibration"] = calibrate(ev.raw_confidence, ev.errors, cases=[c.case_id for c in cases])
+    train_xy = None
+    if args.train_csv:
+        listed = set(card.get("training", {}).get("train_cases", []))
+        train = [c for c in read_landmark_csv(args.train_csv, args.images)
+                 if (c.case_id in listed if listed else not args.train_split or c.split == args.train_split)]
+        if len(train) < 10:
+            raise UsageError(f"{args.train_csv}: {len(train)} training cases of this model found; "
+                             f"the shape model needs at least 10")
+        train_xy = np.stack([c.xy for c in train])
+    card.update(card_entries(load_detector(args), train_xy, cases, hand=args.hand))
     write_text(card_path, json.dumps(card, indent=2) + "\n")
     print(f"{card_path}: calibration {json.dumps(card['calibration'])}")
+    if train_xy is not None:
+        print(f"{card_path}: shape model of {len(train_xy)} training shapes, verdict limits "
+              f"{json.dumps(card['shape']['thresholds'])}")
     return 0
 
 
@@ -237,7 +247,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"--init model has {len(init.names)} landmarks, the cases {len(names)}: "
               f"transferring all but the output layers", flush=True)
     before = mean_radial_error(init, val) if same and val else None
-    card = {"name": args.name or Path(args.output).name,
+    anatomy = {19: "a lateral cephalogram", 37: "a hand radiograph"}.get(len(names))
+    card = {"name": args.name or Path(args.output).name, **({"anatomy": anatomy} if anatomy else {}),
             "dataset": {"source": str(args.csv or args.cases), "train": len(cases), "val": len(val)}}
     path = fit(cases, val, names, Path(args.output), cfg, card=card, init=init)
     print(f"model written: {path}")
@@ -386,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--spacing", type=float, default=0.1, help="mm per pixel (ISBI: 0.1)")
     c.add_argument("--split", default=None)
     c.add_argument("--ids", default=None, help="comma list of case ids")
+    c.add_argument("--hand", action="store_true", help="hand cases: millimetres by the 50 mm wrist width")
+    c.add_argument("--train-csv", default=None,
+                   help="the model's training annotations: also fit the shape model (plausibility check); "
+                        "rows are those the card lists as training cases")
+    c.add_argument("--train-split", default=None, help="rows of this split when the card lists none")
     model_opts(c)
     c.set_defaults(func=cmd_calibrate)
 

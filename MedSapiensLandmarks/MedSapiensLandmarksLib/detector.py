@@ -16,6 +16,7 @@ from .calibration import apply as calibrated
 from .codec import Box, decode_heatmaps, softmax_heatmaps, to_gray, to_uint8_range, warp
 from .imageio import Radiograph
 from .landmarks import Landmarks
+from .shape import ShapeModel, verdict, warning_text
 
 LOCAL_STAGES = ("context", "refine")  # optional patch stages, run in this order after coarse
 
@@ -31,6 +32,8 @@ class Detector:
         self.names = [lm["name"] for lm in card["landmarks"]]
         self.descriptions = [lm.get("description", lm["name"]) for lm in card["landmarks"]]
         self.timings: dict[str, float] = {}
+        shape = card.get("shape")
+        self.shape = ShapeModel(shape) if shape and "thresholds" in shape else None
 
     @classmethod
     def load(cls, model: str | Path = "default", device: str | None = None,
@@ -111,11 +114,16 @@ class Detector:
             for stage in self.local_stages:
                 for _ in range(self.card[stage].get("iterations", 1)):
                     xy, c = self._refine(stage, gray, box, xy, bool(mirrored[i]))
+            meta = {"model": self.card.get("name", ""), "image": image.path,
+                    "raw_confidence": c.astype(np.float64), "calibrated": "calibration" in self.card}
+            if self.shape is not None:
+                meta["plausibility"] = verdict(self.shape, xy, c).to_json()
+                if not meta["plausibility"]["plausible"]:
+                    meta["plausibility"]["warning"] = warning_text(self.card, meta["plausibility"])
+                meta["shape_deviation"] = self.shape.point_deviation(xy)[0]
             # confidence: P(within 2 mm) when the card is calibrated, else the network's own
             results.append(Landmarks(list(self.names), list(self.descriptions), xy, image.to_lps(xy),
-                                     calibrated(self.card.get("calibration"), c),
-                                     {"model": self.card.get("name", ""), "image": image.path,
-                                      "raw_confidence": c.astype(np.float64)}))
+                                     calibrated(self.card.get("calibration"), c), meta))
         clock.lap("refine")
         self.timings = clock.laps
         return results

@@ -8,10 +8,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import analysis
-from .calibration import flag_stats, reliability
+from .calibration import calibrate, flag_stats, reliability
 from .datasets import Case
 from .imageio import read_image
 from .metrics import SDR_RADII_MM, confidence_ranking, hand_scale, radial_errors, summarize
+from .shape import shape_entry
 
 
 @dataclass
@@ -91,3 +92,17 @@ def classification_agreement(pred: np.ndarray, truth: np.ndarray, spacing: Seque
                     "mean_abs_diff": float(np.mean([abs(p[key] - t[key]) for p, t in zip(p_vals, t_vals)]))}
     out["average_accuracy_pct"] = float(np.mean([out[k]["accuracy_pct"] for k in analysis.MEASUREMENTS]))
     return out
+
+
+def card_entries(det: Any, train_xy: np.ndarray | None, val_cases: Sequence[Case], hand: bool = False
+                 ) -> dict[str, Any]:
+    """What every fit writes into its card from its validation cases (never test sets): the
+    confidence calibration (hands: millimetres by the 50 mm wrist normalisation) and, given
+    ``train_xy`` (the training annotations), the shape model with its verdict limits."""
+    ev = evaluate(det, val_cases, np.stack([c.xy for c in val_cases]), hand=hand)
+    cal = calibrate(ev.raw_confidence, ev.errors, cases=[c.case_id for c in val_cases])
+    if hand:
+        cal["scale"] = "50 mm wrist width (landmarks 2-6)"
+    if train_xy is None:
+        return {"calibration": cal}
+    return {"calibration": cal, "shape": shape_entry(train_xy, ev.pred, ev.raw_confidence)}

@@ -17,10 +17,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import cephalometry
+from .analysis import CEPH_NAMES
 from .detector import Detector
 from .export import export_case
 from .landmarks import Landmarks
 from .mrml import (
+    ATTR_CALIBRATED,
     ATTR_CONFIDENCE,
     ATTR_MODEL,
     LPS_TO_RAS,
@@ -28,6 +31,7 @@ from .mrml import (
     landmarks_to_node,
     observe_corrections,
     positions_ras,
+    update_tracing,
     volume_to_radiograph,
 )
 
@@ -89,6 +93,23 @@ class LandmarksLogic:
         lm = Landmarks(names, descs, image.to_pixels(lps), lps, np.asarray(conf, float),
                        {"model": markups_node.GetAttribute(ATTR_MODEL) or "", "image": image.path})
         return image, lm
+
+    def measurements(self, volume_node: Any, markups_node: Any, slice_index: int | None = None,
+                     axis: int = 2) -> list[dict[str, Any]]:
+        """Cephalometric analyses of the node's points as they are now (19 ISBI landmarks; else
+        none), with 90 % intervals from the calibrated confidences; a corrected point counts as
+        a clinician's placement (`cephalometry.CORRECTED_PROBABILITY`)."""
+        image, lm = self.current_landmarks(volume_node, markups_node, slice_index, axis)
+        if tuple(lm.names) != CEPH_NAMES:
+            return []
+        prob = np.where(corrected_flags(markups_node), cephalometry.CORRECTED_PROBABILITY, lm.confidence)
+        calibrated = markups_node.GetAttribute(ATTR_CALIBRATED) == "1"
+        return cephalometry.analyse(lm.xy, image.spacing[:2] if image.spacing_known else None,
+                                    prob if calibrated and np.isfinite(prob).all() else None)
+
+    def tracing(self, markups_node: Any, visible: bool) -> list[Any]:
+        """Show (creating or moving) or hide the analyses' reference lines of a 19-point node."""
+        return update_tracing(self.scene, markups_node, cephalometry.TRACING_LINES, visible)
 
     def export(self, volume_node: Any, markups_node: Any, out_dir: str | Path,
                case_id: str | None = None, overwrite: bool = False,

@@ -43,9 +43,20 @@ def markups_dict(lm: Landmarks, name: str = "Landmarks",
             "medsapiens": {"model": lm.meta.get("model", ""), "image": lm.meta.get("image", ""),
                            "confidence": [float(c) for c in lm.confidence],
                            "corrected": [bool(c) for c in corrected],
-                           "pixels": [[float(v) for v in p] for p in lm.xy]},
+                           "pixels": [[float(v) for v in p] for p in lm.xy],
+                           **_checks(lm)},
         }],
     }
+
+
+def _checks(lm: Landmarks) -> dict[str, Any]:
+    """The plausibility verdict and per-point shape deviations, when the model has a shape model."""
+    out: dict[str, Any] = {}
+    if "plausibility" in lm.meta:
+        out["plausibility"] = lm.meta["plausibility"]
+    if "shape_deviation" in lm.meta:
+        out["shape_deviation"] = [round(float(z), 3) for z in lm.meta["shape_deviation"]]
+    return out
 
 
 def write_text(path: str | Path, text: str) -> Path:

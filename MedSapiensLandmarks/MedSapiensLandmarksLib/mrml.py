@@ -26,6 +26,9 @@ ATTR_CORRECTED = "MedSapiens.Corrected"
 ATTR_CONFIDENCE = "MedSapiens.Confidence"
 ATTR_MODEL = "MedSapiens.Model"
 ATTR_VOLUME = "MedSapiens.VolumeID"
+ATTR_CALIBRATED = "MedSapiens.Calibrated"  # "1": confidences are P(error <= 2 mm)
+ATTR_PLAUSIBILITY = "MedSapiens.Plausibility"  # the image-level verdict (JSON), when the model has one
+ATTR_TRACING = "MedSapiens.TracingLines"  # JSON {line name: line node ID}
 CORRECTED_TAG = " [corrected]"
 LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
 RADIOGRAPH_VOLUME_CLASSES = ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode")
@@ -132,6 +135,11 @@ def landmarks_to_node(scene: Any, lm: Landmarks, node: Any | None = None, name: 
     node.SetAttribute(ATTR_DETECTED, json.dumps(positions_ras(node).round(6).tolist()))
     node.SetAttribute(ATTR_CONFIDENCE, json.dumps([round(float(c), 4) for c in lm.confidence]))
     node.SetAttribute(ATTR_MODEL, str(lm.meta.get("model", "")))
+    node.SetAttribute(ATTR_CALIBRATED, "1" if lm.meta.get("calibrated") else "0")
+    if "plausibility" in lm.meta:
+        node.SetAttribute(ATTR_PLAUSIBILITY, json.dumps(lm.meta["plausibility"]))
+    else:
+        node.RemoveAttribute(ATTR_PLAUSIBILITY)
     if volume_node is not None:
         node.SetAttribute(ATTR_VOLUME, volume_node.GetID())
     node.EndModify(was)
@@ -159,3 +167,45 @@ def table_rows(node: Any) -> list[dict[str, Any]]:
              "confidence": conf[i] if i < len(conf) else float("nan"), "corrected": flags[i]}
             for i in range(node.GetNumberOfControlPoints())]
     return sorted(rows, key=lambda r: (r["confidence"], r["index"]))
+
+
+def plausibility_warning(node: Any) -> str:
+    """The verdict's warning for the points of this node ("" when plausible or unchecked)."""
+    text = node.GetAttribute(ATTR_PLAUSIBILITY) if node is not None else None
+    return json.loads(text).get("warning", "") if text else ""
+
+
+def update_tracing(scene: Any, node: Any, lines: dict[str, tuple[str, str]], visible: bool) -> list[Any]:
+    """Locked line nodes between named points of ``node`` (created once, then moved with the
+    points), shown or hidden; returns them. Lines whose points the node lacks are skipped."""
+    labels = [node.GetNthControlPointLabel(i) for i in range(node.GetNumberOfControlPoints())]
+    ras = positions_ras(node)
+    known = json.loads(node.GetAttribute(ATTR_TRACING) or "{}")
+    if not visible and not known:  # nothing drawn yet: hiding creates nothing
+        return []
+    out = []
+    for name, (a, b) in lines.items():
+        if a not in labels or b not in labels:
+            continue
+        line = scene.GetNodeByID(known.get(name, "")) if known.get(name) else None
+        if line is None:
+            line = scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", f"{node.GetName()} {name}")
+            line.CreateDefaultDisplayNodes()
+            line.SetAndObserveTransformNodeID(node.GetTransformNodeID())
+            line.SetLocked(True)
+            known[name] = line.GetID()
+        was = line.StartModify()
+        if line.GetNumberOfControlPoints() != 2:
+            line.RemoveAllControlPoints()
+            line.AddControlPoint(vtk.vtkVector3d(*ras[labels.index(a)]), a)
+            line.AddControlPoint(vtk.vtkVector3d(*ras[labels.index(b)]), b)
+        else:
+            line.SetNthControlPointPosition(0, *ras[labels.index(a)])
+            line.SetNthControlPointPosition(1, *ras[labels.index(b)])
+        line.EndModify(was)
+        if line.GetDisplayNode() is not None:
+            line.GetDisplayNode().SetVisibility(visible)
+            line.GetDisplayNode().SetPropertiesLabelVisibility(False)
+        out.append(line)
+    node.SetAttribute(ATTR_TRACING, json.dumps(known))
+    return out

@@ -1,6 +1,7 @@
 """Overlay picture: the radiograph with numbered landmarks, coloured by confidence."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,13 @@ def render_overlay(image: Radiograph, lm: Landmarks, max_side: int = 2000,
         draw.ellipse([x - r, y - r, x + r, y + r], outline=colour, width=max(2, r // 3))
         draw.text((x + r + 2, y - r - 2), str(i + 1), fill=colour, font=font,
                   stroke_width=2, stroke_fill=(0, 0, 0))
+    warning = lm.meta.get("plausibility", {}).get("warning")
+    if warning:  # a banner across the top: the points are there, but do not trust them
+        size = max(12, pic.width // 50)
+        banner = ImageFont.load_default(size=size)
+        lines = textwrap.wrap(f"Warning: {warning}", width=max(20, int(pic.width / (0.55 * size))))
+        draw.rectangle([0, 0, pic.width, int(size * (1.25 * len(lines) + 0.6))], fill=(170, 0, 0))
+        draw.multiline_text((size // 2, size // 3), "\n".join(lines), fill=(255, 255, 255), font=banner)
     return pic
 
 

@@ -24,6 +24,7 @@ from .atomic import atomic_write
 from .codec import Box, to_gray, to_uint8_range, warp
 from .datasets import Case
 from .imageio import read_image
+from .landmarks import HAND_37
 from .metrics import radial_errors
 from .model import LandmarkNet
 
@@ -392,15 +393,14 @@ def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Seque
             data, batch = PatchSet(train_cases, grays, spec, cs, cfg, True), cfg.refine_batch_size
         run_stage(stage, net, data, tuple(spec["size"][::-1]), cfg, epochs[stage], batch, work,
                   validate(stage), log, softmax=spec.get("activation") == "softmax")
-    if val_cases and val_key == "val_mre_mm":  # every fit recalibrates its confidence
-        from .calibration import calibrate
-        from .evaluation import evaluate
+    card.pop("calibration", None)  # an inherited one would describe another model
+    card.pop("shape", None)
+    hand = [n for n, _ in landmarks] == [n for n, _ in HAND_37]
+    if val_cases and (val_key == "val_mre_mm" or hand):  # every fit recalibrates its confidence
+        from .evaluation import card_entries
 
         final = Detector(card, TorchBackend(nets, "cpu", cfg.threads, channels_last=False))
-        ev = evaluate(final, val_cases, np.stack([c.xy for c in val_cases]))
-        card["calibration"] = calibrate(ev.raw_confidence, ev.errors, cases=[c.case_id for c in val_cases])
-    else:
-        card.pop("calibration", None)  # an inherited one would describe another model
+        card.update(card_entries(final, np.stack([c.xy for c in train_cases]), val_cases, hand=hand))
     card["training"] = {**card.get("training", {}), "config": {
         k2: (list(v) if isinstance(v, tuple) else v) for k2, v in vars(cfg).items()},
         "train_cases": [c.case_id for c in train_cases], "val_cases": [c.case_id for c in val_cases],

@@ -1,0 +1,127 @@
+"""Shape model and image-level verdict: synthetic geometry, then real cephalograms and hands."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from conftest import SHARED
+from MedSapiensLandmarksLib.cli import main
+from MedSapiensLandmarksLib.datasets import read_landmark_csv
+from MedSapiensLandmarksLib.detector import Detector
+from MedSapiensLandmarksLib.imageio import read_image
+from MedSapiensLandmarksLib.shape import ShapeModel, procrustes
+
+HANDS = SHARED / "data" / "dha-hand"
+
+
+def similarity(xy, angle_deg, scale, shift, mirror=False):
+    a = np.radians(angle_deg)
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    out = (xy * [-1, 1] if mirror else xy) @ rot.T * scale + shift
+    return out
+
+
+@pytest.fixture(scope="module")
+def ceph_shapes(ceph_dir):
+    return np.stack([c.xy for c in read_landmark_csv(ceph_dir / "train_senior.csv")])
+
+
+def test_procrustes_recovers_a_similarity_with_reflection():
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(12, 2))
+    moved = similarity(ref, 37.0, 2.5, [100.0, -40.0], mirror=True)
+    s, r, t = procrustes(moved, ref)
+    np.testing.assert_allclose(s * moved @ r + t, ref, atol=1e-9)
+    assert s == pytest.approx(1 / 2.5)
+    assert np.linalg.det(r) == pytest.approx(-1.0)  # the mirror was undone
+
+
+def test_score_ignores_pose_and_mirroring_and_grows_with_distortion(ceph_shapes):
+    model = ShapeModel.fit(ceph_shapes[:100])
+    shape = ceph_shapes[120]
+    base = model.score(shape)
+    assert model.score(similarity(shape, -20.0, 0.7, [300.0, 50.0], mirror=True)) == pytest.approx(base, rel=1e-6)
+    swapped = shape.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]  # sella and nasion exchanged: anatomy no more
+    assert model.score(swapped) > 20 * base
+    # tail probability: held-out training shapes as reference, +1 smoothed
+    assert model.tail(0.0) == 1.0
+    assert model.tail(1e12) == pytest.approx(1 / (len(model.reference) + 1))
+
+
+def test_a_displaced_point_stands_out_and_the_others_say_where_it_belongs(ceph_shapes):
+    model = ShapeModel.fit(ceph_shapes[:100])
+    shape = ceph_shapes[130].copy()
+    true_go = shape[9].copy()
+    shape[9] += [0.0, -250.0]  # gonion 25 mm up the ramus
+    z, expected = model.point_deviation(shape)
+    assert int(np.argmax(z)) == 9
+    assert z[9] > 3 * np.median(z)
+    # the expected position lies much nearer the true gonion than the displaced one does
+    assert np.linalg.norm(expected[9] - true_go) < 0.4 * 250
+
+
+def _verdicts(det, images):
+    return [lm.meta["plausibility"] for lm in (det.detect(im) for im in images)]
+
+
+@pytest.fixture(scope="module")
+def ceph_model():
+    return Detector.load("ceph-isbi2015")
+
+
+@pytest.fixture(scope="module")
+def hand_cases():
+    return read_landmark_csv(HANDS / "landmarks.csv")
+
+
+def test_ceph_model_passes_test1_cephalograms_and_warns_on_every_hand(ceph_dir, ceph_model, hand_cases):
+    test1 = (read_image(c.image, spacing=0.1) for c in read_landmark_csv(ceph_dir / "test1_senior.csv"))
+    warned = [not v["plausible"] for v in _verdicts(ceph_model, test1)]
+    assert len(warned) == 150 and sum(warned) <= 3  # at most 2 %
+    hands = (read_image(c.image) for c in hand_cases)
+    verdicts = _verdicts(ceph_model, hands)
+    assert all(not v["plausible"] for v in verdicts)
+    assert all("does not look like a lateral cephalogram for model ceph-isbi2015" in v["warning"]
+               for v in verdicts)
+
+
+def test_hand_model_passes_hands_and_warns_on_every_cephalogram(ceph_dir, hand_cases):
+    det = Detector.load("hand-dha")
+    valid = [read_image(c.image) for c in hand_cases if c.split == "valid"]
+    assert all(v["plausible"] for v in _verdicts(det, valid))
+    cephs = (read_image(c.image, spacing=0.1) for c in read_landmark_csv(ceph_dir / "test1_senior.csv")[:40])
+    assert all(not v["plausible"] for v in _verdicts(det, cephs))
+
+
+def test_mirrored_cephalograms_pass_cropped_ones_and_noise_do_not(ceph_dir, ceph_model):
+    images = [read_image(c.image, spacing=0.1) for c in read_landmark_csv(ceph_dir / "test1_senior.csv")[:12]]
+
+    def changed(im, px):
+        return dataclasses.replace(im, pixels=np.ascontiguousarray(px))
+
+    mirrored = [changed(im, im.pixels[:, ::-1]) for im in images]
+    top_half = [changed(im, im.pixels[: im.pixels.shape[0] // 2]) for im in images]
+    rng = np.random.default_rng(0)
+    noise = [changed(im, rng.integers(0, 65536, im.pixels.shape[:2]).astype(np.uint16)) for im in images[:4]]
+    # a mirrored cephalogram is still one: the model detects it the other way round
+    assert sum(not v["plausible"] for v in _verdicts(ceph_model, mirrored)) <= 1
+    assert all(not v["plausible"] for v in _verdicts(ceph_model, top_half))
+    assert all(not v["plausible"] for v in _verdicts(ceph_model, noise))
+
+
+def test_detect_warns_once_writes_the_points_and_the_verdict(tmp_path, hand_cases, ceph_dir, capsys):
+    hand = hand_cases[0].image
+    assert main(["detect", str(hand), str(ceph_dir / "images" / "151.jpg"), "-o", str(tmp_path),
+                 "--spacing", "0.1", "-q"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "does not look like" in line] == [
+        f"warning: {hand}: " + json.loads((tmp_path / f"{hand.stem}.mrk.json").read_text())
+        ["markups"][0]["medsapiens"]["plausibility"]["warning"]]
+    doc = json.loads((tmp_path / f"{hand.stem}.mrk.json").read_text())["markups"][0]
+    assert len(doc["controlPoints"]) == 19  # not an error: the points are still written
+    assert doc["medsapiens"]["plausibility"]["plausible"] is False
+    ceph = json.loads((tmp_path / "151.mrk.json").read_text())["markups"][0]["medsapiens"]
+    assert ceph["plausibility"]["plausible"] is True and "warning" not in ceph["plausibility"]
+    assert len(ceph["shape_deviation"]) == 19
