@@ -244,8 +244,12 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def onExport(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
+            report = self.ui.reportCheckBox.checked
+            if report and not self.logic.ensureDependencies("report"):
+                return
             case = self.logic.core.export(p.inputVolume, p.landmarks, p.exportFolder,
-                                          case_id=p.caseId or None, slice_index=self._sliceIndex())
+                                          case_id=p.caseId or None, slice_index=self._sliceIndex(),
+                                          report=report)
             self.ui.statusLabel.text = f"Exported {case}"
 
     def onFinetune(self) -> None:
@@ -315,7 +319,7 @@ class MedSapiensLandmarksLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def ensureDependencies(kind: str = "onnx") -> bool:
         """Packages for ``kind`` of work ("onnx": Detect with a shipped model; "torch":
-        Fine-tune, official checkpoints). Never installs in testing mode."""
+        Fine-tune, official checkpoints; "report": the PDF report). Never installs in testing mode."""
         from MedSapiensLandmarksLib.install import ensure_dependencies
 
         testing = slicer.app.testingEnabled()

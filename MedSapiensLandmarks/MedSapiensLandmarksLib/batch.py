@@ -7,6 +7,8 @@ No torch: the standard library's process pool does the reading.
 """
 from __future__ import annotations
 
+import csv
+import io
 import multiprocessing
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -82,7 +84,9 @@ def stream_images(paths: Sequence[Path], workers: int = 1, prefetch: int = 2,
 
 
 SUFFIXES = {"mrk.json": ".mrk.json", "fcsv": ".fcsv", "csv": ".csv", "png": ".overlay.png",
-            "analysis": ".analysis.csv"}  # output format -> file name ending
+            "analysis": ".analysis.csv", "measurements": ".measurements.csv",
+            "report": ".report.pdf"}  # output format -> file name ending
+COHORT_TABLE = "measurements.csv"  # every image's measurements row, refreshed after each run
 
 
 def outputs_for(out_dir: Path, stem: str, formats: Sequence[str]) -> list[Path]:
@@ -104,6 +108,7 @@ def detect_files(det: Any, paths: Sequence[Path], out_dir: Path, formats: Sequen
     ``say(message, problem)`` reports each result, warning and error (one line each).
     """
     from .analysis import write_analysis
+    from .cephalometry import analyse_landmarks
     from .markups import write_csv, write_fcsv, write_markups
     from .overlay import write_overlay
 
@@ -116,11 +121,14 @@ def detect_files(det: Any, paths: Sequence[Path], out_dir: Path, formats: Sequen
                 raise ImageError(item.error)
             lm = det.detect(image)
             name = stem(path)
+            analyses = analyse_landmarks(image, lm) if {"measurements", "report"} & set(formats) else None
             writers = {"mrk.json": lambda p: write_markups(p, lm, name=name),
                        "fcsv": lambda p: write_fcsv(p, lm),
                        "csv": lambda p: write_csv(p, lm),
                        "png": lambda p: write_overlay(p, image, lm),
-                       "analysis": lambda p: write_analysis(p, lm, image.spacing)}
+                       "analysis": lambda p: write_analysis(p, lm, image.spacing),
+                       "measurements": lambda p: write_measurements(p, name, lm, analyses or []),
+                       "report": lambda p: _report(p, image, lm, analyses)}
             written = [writers[f](p) for f, p in zip(formats, outputs_for(out_dir, name, formats))]
             verdict = lm.meta.get("plausibility")
             if verdict and not verdict["plausible"]:
@@ -132,4 +140,43 @@ def detect_files(det: Any, paths: Sequence[Path], out_dir: Path, formats: Sequen
         except (ImageError, OSError) as err:
             failures += 1
             say(f"error: {err}", True)
+    if "measurements" in formats:
+        collect_measurements(out_dir)
     return failures
+
+
+def _report(path: Path, image: Radiograph, lm: Any, analyses: Any) -> Path:
+    from .patient_report import write_patient_report
+
+    return write_patient_report(path, image, lm, analyses=analyses)
+
+
+def write_measurements(path: Path, name: str, lm: Any, analyses: list[dict[str, Any]]) -> Path:
+    """One image's row of the cohort table (with its header)."""
+    from .cephalometry import csv_row
+    from .markups import write_text
+
+    verdict = lm.meta.get("plausibility", {})
+    row = {"image": name, "model": lm.meta.get("model", ""),
+           "plausible": "" if not verdict else "1" if verdict["plausible"] else "0", **csv_row(analyses)}
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=list(row), lineterminator="\n")
+    w.writeheader()
+    w.writerow(row)
+    return write_text(path, out.getvalue())
+
+
+def collect_measurements(out_dir: Path) -> Path:
+    """``measurements.csv``: the rows of every ``*.measurements.csv`` of the folder, by image."""
+    from .markups import write_text
+
+    rows: list[dict[str, str]] = []
+    for f in sorted(out_dir.glob(f"*{SUFFIXES['measurements']}")):
+        with open(f, newline="", encoding="utf-8") as fh:
+            rows.extend(csv.DictReader(fh))
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=fields, lineterminator="\n", restval="")
+    w.writeheader()
+    w.writerows(rows)
+    return write_text(out_dir / COHORT_TABLE, out.getvalue())

@@ -3,7 +3,9 @@
 The networks' own confidence (softmax mass near the peak) ranks points well but is not a
 probability. A Platt map ``p = sigmoid(a * logit(c) + b)`` is fitted on validation cases as
 part of every fit (fine-tunes included) and stored in the model card; the detector then
-reports ``p``, so "red below 0.5" reads "more likely than not more than 2 mm off".
+reports ``p``, so "red below 0.5" reads "more likely than not more than 2 mm off". For
+intervals of measurements, the error of a point is a 2D Student-t whose scale gives that ``p``
+and whose degrees of freedom (``tail_dof``) are fitted on the same validation points.
 """
 from __future__ import annotations
 
@@ -66,6 +68,32 @@ def flag_stats(prob: np.ndarray, errors_mm: np.ndarray, threshold: float = 0.5,
             "errors_over_radius": int(bad.sum())}
 
 
+def error_scale2(prob: np.ndarray, dof: float, radius_mm: float = 2.0) -> np.ndarray:
+    """Squared scale of a 2D isotropic Student-t error with ``dof`` degrees of freedom whose
+    P(|error| <= radius_mm) is ``prob`` (radial CDF 1 - (1 + r^2 / (dof s^2))^(-dof / 2))."""
+    p = np.clip(np.asarray(prob, dtype=np.float64), 0.02, 0.995)
+    return radius_mm ** 2 / (dof * ((1.0 - p) ** (-2.0 / dof) - 1.0))
+
+
+def fit_tail_dof(prob: np.ndarray, errors_mm: np.ndarray, radius_mm: float = 2.0) -> float:
+    """Degrees of freedom of that error model by maximum likelihood on validation points: how
+    heavy the tail of the errors is beyond what the probability of "within radius" says."""
+    p, e = np.ravel(prob), np.maximum(np.ravel(errors_mm), 1e-3)
+    grid = np.exp(np.linspace(np.log(0.5), np.log(200.0), 400))
+
+    def loglik(dof: float) -> float:
+        s2 = error_scale2(p, dof, radius_mm)
+        return float(np.sum(np.log(e / s2) - (dof / 2 + 1) * np.log1p(e ** 2 / (dof * s2))))
+    return float(grid[int(np.argmax([loglik(d) for d in grid]))])
+
+
+def error_model(calibration: dict[str, Any] | None) -> dict[str, float] | None:
+    """What intervals need from a card's calibration: radius and tail (None: uncalibrated)."""
+    if not calibration:
+        return None
+    return {"radius_mm": float(calibration["radius_mm"]), "tail_dof": float(calibration.get("tail_dof", 1e6))}
+
+
 def calibrate(raw_conf: np.ndarray, errors_mm: np.ndarray, radius_mm: float = 2.0,
               cases: Sequence[str] = ()) -> dict[str, Any]:
     """Card entry from validation detections: raw confidences and their errors in mm."""
@@ -73,5 +101,5 @@ def calibrate(raw_conf: np.ndarray, errors_mm: np.ndarray, radius_mm: float = 2.
     a, b = fit_platt(raw_conf, hit)
     prob = apply({"a": a, "b": b}, raw_conf)
     return {"target": f"P(error <= {radius_mm:g} mm)", "radius_mm": radius_mm, "a": a, "b": b,
-            "points": int(hit.size), "cases": list(cases),
-            "validation_ece": reliability(prob, hit)["ece"]}
+            "tail_dof": fit_tail_dof(prob, errors_mm, radius_mm), "points": int(hit.size),
+            "cases": list(cases), "validation_ece": reliability(prob, hit)["ece"]}

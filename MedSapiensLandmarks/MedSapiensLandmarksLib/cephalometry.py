@@ -3,9 +3,10 @@
 Each measurement names its geometry (an operation on landmarks), unit, norm and source. A
 norm is "mean ± SD" (or a range where the source gives one); the class says whether the value
 lies below, inside or above it. Intervals come from each point's calibrated confidence: a
-point with P(error <= 2 mm) = p is taken as isotropic Gaussian with the sigma that gives
-that probability, positions are sampled, and the 5th-95th percentiles of each measurement
-form its 90 % interval; a measurement whose interval spans a class limit is "uncertain".
+point with P(error <= 2 mm) = p gets the card's error model (an isotropic 2D Student-t of that
+probability, its tail fitted on validation points), positions are sampled, and the 5th-95th
+percentiles of each measurement form its 90 % interval; a measurement whose interval spans a
+class limit is "uncertain".
 
 Left out, because the 19 points do not define them: Steiner's incisor measurements (U1-NA,
 L1-NB: incisor apices), occlusal plane to SN and Wits appraisal (functional occlusal plane:
@@ -21,9 +22,19 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import analysis
-from .geometry import ahead_of_line, angle_at, between, distance, facing_right, lines, signed
+from .calibration import error_scale2
+from .geometry import (
+    ahead_of_line,
+    angle_at,
+    between,
+    distance,
+    facing_right,
+    lines,
+    signed,
+)
+from .imageio import Radiograph
+from .landmarks import Landmarks
 
-RADIUS_MM = 2.0  # calibrated confidence = P(error <= RADIUS_MM)
 # A point placed by a clinician: ISBI's two annotators agree within 2 mm on 60.5 % of the training
 # points, i.e. each is off by sigma ~ 1.04 mm, within 2 mm with probability 0.84.
 CORRECTED_PROBABILITY = 0.84
@@ -196,28 +207,27 @@ def classify(m: Measurement, value: float) -> str:
     return m.below if value < m.low else m.above if value > m.high else "normal"
 
 
-def point_sigma_mm(probability: np.ndarray) -> np.ndarray:
-    """Sigma of an isotropic 2D Gaussian error with P(|error| <= RADIUS_MM) = probability."""
-    p = np.clip(np.asarray(probability, dtype=np.float64), 0.02, 0.995)
-    return RADIUS_MM / np.sqrt(-2.0 * np.log(1.0 - p))
-
-
 def sample_positions(xy: np.ndarray, probability: np.ndarray, spacing: Sequence[float],
-                     samples: int = SAMPLES, seed: int = 0) -> np.ndarray:
-    """(samples, K, 2) landmark positions in pixels drawn around ``xy``."""
-    sigma_px = point_sigma_mm(probability)[:, None] / np.asarray(spacing, dtype=np.float64)
+                     error_model: dict[str, float], samples: int = SAMPLES, seed: int = 0) -> np.ndarray:
+    """(samples, K, 2) landmark positions in pixels drawn from each point's error model."""
+    dof = error_model["tail_dof"]
+    scale = np.sqrt(error_scale2(probability, dof, error_model["radius_mm"]))[:, None]
     rng = np.random.default_rng(seed)
-    return np.asarray(xy, dtype=np.float64) + rng.standard_normal((samples, *np.shape(xy))) * sigma_px
+    k = len(scale)
+    t = rng.standard_normal((samples, k, 2)) * np.sqrt(dof / rng.chisquare(dof, (samples, k, 1)))
+    return np.asarray(xy, dtype=np.float64) + t * scale / np.asarray(spacing, dtype=np.float64)
 
 
 def analyse(xy: np.ndarray, spacing: Sequence[float] | None, probability: np.ndarray | None = None,
-            names: Sequence[str] = analysis.CEPH_NAMES) -> list[dict[str, Any]]:
-    """One row per measurement: value, norm, deviation in SD, class, 90 % interval (when
-    calibrated confidences and a pixel spacing are given) and whether the class is uncertain."""
+            error_model: dict[str, float] | None = None, names: Sequence[str] = analysis.CEPH_NAMES
+            ) -> list[dict[str, Any]]:
+    """One row per measurement: value, norm, deviation in SD, class, 90 % interval (given
+    calibrated confidences, their error model and a pixel spacing) and whether the class is
+    uncertain."""
     values = measure_all(xy, spacing, names)
     spread = None
-    if probability is not None and spacing is not None:
-        spread = measure_all(sample_positions(xy, probability, spacing), spacing, names)
+    if probability is not None and error_model and spacing is not None:
+        spread = measure_all(sample_positions(xy, probability, spacing, error_model), spacing, names)
     rows = []
     for m in MEASUREMENTS:
         v = float(values[m.key])
@@ -233,6 +243,31 @@ def analyse(xy: np.ndarray, spacing: Sequence[float] | None, probability: np.nda
                        or classify(m, float(lo)) != row["class"])
         rows.append(row)
     return rows
+
+
+def analyse_landmarks(image: Radiograph, lm: Landmarks, corrected: Sequence[bool] | None = None
+                      ) -> list[dict[str, Any]] | None:
+    """`analyse` of a detection (or of corrected points): None unless they are the 19 ISBI
+    landmarks; intervals only when the confidences are calibrated (``meta["error_model"]``)."""
+    if tuple(lm.names) != analysis.CEPH_NAMES:
+        return None
+    prob = np.asarray(lm.confidence, dtype=np.float64)
+    if corrected is not None:
+        prob = np.where(corrected, CORRECTED_PROBABILITY, prob)
+    model = lm.meta.get("error_model") if np.isfinite(prob).all() else None
+    return analyse(lm.xy, image.spacing if image.spacing_known else None, prob, model)
+
+
+def csv_row(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """One image's analyses as flat columns (value, interval, class, uncertain per measurement)."""
+    out = {}
+    for r in rows:
+        def num(v: float | None) -> str:
+            return "" if v is None or np.isnan(v) else f"{v:.4g}"
+        out.update({r["key"]: num(r["value"]), f"{r['key']} low": num(r["low"]),
+                    f"{r['key']} high": num(r["high"]), f"{r['key']} class": r["class"],
+                    f"{r['key']} uncertain": "1" if r["uncertain"] else "0"})
+    return out
 
 
 def cells(row: dict[str, Any]) -> list[str]:

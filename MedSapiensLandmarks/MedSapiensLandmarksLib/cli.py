@@ -15,7 +15,7 @@ from .inputs import case_stem, expand_inputs
 from .loading import BACKENDS
 
 TRAIN_EXTRA = {"torch", "torchvision", "timm", "safetensors", "onnx", "matplotlib"}
-FORMATS = ("mrk.json", "fcsv", "csv", "png", "analysis")
+FORMATS = ("mrk.json", "fcsv", "csv", "png", "analysis", "measurements", "report")
 
 
 class UsageError(ValueError):
@@ -104,8 +104,16 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if not todo:
         return 2 if clashes else 0
     det = load_detector(args)
-    if "analysis" in fmts and tuple(det.names) != CEPH_NAMES:
-        raise UsageError("the analysis output needs a model of the 19 ISBI cephalometric landmarks")
+    ceph_only = [f for f in ("analysis", "measurements") if f in fmts]
+    if ceph_only and tuple(det.names) != CEPH_NAMES:
+        raise UsageError(f"the {' and '.join(ceph_only)} output needs a model of the 19 ISBI "
+                         f"cephalometric landmarks")
+    if "report" in fmts:
+        try:
+            import matplotlib  # noqa: F401
+        except ModuleNotFoundError:
+            raise UsageError("the report output needs matplotlib: pip install "
+                             "'medsapiens-landmarks[report]'") from None
     workers = args.workers if args.workers is not None else (1 if len(todo) > 1 else 0)
     bar = tqdm(total=len(todo), unit="image", disable=len(todo) < 2 or args.quiet, file=sys.stderr)
 
@@ -155,6 +163,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print("classification agreement (%): " + ", ".join(
             f"{k} {v['accuracy_pct']:.1f}" for k, v in ev.classes.items() if isinstance(v, dict))
             + f"; average {ev.classes['average_accuracy_pct']:.1f}")
+    if ev.analyses:
+        print("analyses, class agreement % (90 % interval coverage %): " + ", ".join(
+            f"{name} {v['agreement_pct']:.1f}"
+            + (f" ({v['interval_coverage_pct']:.1f})" if v["interval_coverage_pct"] is not None else "")
+            for name, v in ev.analyses["per_analysis"].items()))
     if args.json:
         Path(args.json).write_text(json.dumps({"csv": str(args.csv), **ev.to_json()}, indent=1))
     if args.report:

@@ -13,6 +13,7 @@ import numpy as np
 
 from .backends import Backend
 from .calibration import apply as calibrated
+from .calibration import error_model
 from .codec import Box, decode_heatmaps, softmax_heatmaps, to_gray, to_uint8_range, warp
 from .imageio import Radiograph
 from .landmarks import Landmarks
@@ -115,7 +116,7 @@ class Detector:
                 for _ in range(self.card[stage].get("iterations", 1)):
                     xy, c = self._refine(stage, gray, box, xy, bool(mirrored[i]))
             meta = {"model": self.card.get("name", ""), "image": image.path,
-                    "raw_confidence": c.astype(np.float64), "calibrated": "calibration" in self.card}
+                    "raw_confidence": c.astype(np.float64), "error_model": error_model(self.card.get("calibration"))}
             if self.shape is not None:
                 meta["plausibility"] = verdict(self.shape, xy, c).to_json()
                 if not meta["plausibility"]["plausible"]:

@@ -7,11 +7,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import analysis
-from .calibration import calibrate, flag_stats, reliability
+from . import analysis, cephalometry
+from .calibration import calibrate, error_model, flag_stats, reliability
 from .datasets import Case
 from .imageio import read_image
-from .metrics import SDR_RADII_MM, confidence_ranking, hand_scale, radial_errors, summarize
+from .metrics import (
+    SDR_RADII_MM,
+    confidence_ranking,
+    hand_scale,
+    radial_errors,
+    summarize,
+)
 from .shape import shape_entry
 
 
@@ -28,6 +34,7 @@ class Evaluation:
     radii: tuple[float, ...]
     seconds_per_image: float
     classes: dict[str, Any] = field(default_factory=dict)
+    analyses: dict[str, Any] = field(default_factory=dict)
 
     @property
     def overall(self) -> dict[str, float]:
@@ -51,7 +58,8 @@ class Evaluation:
         return {"model": self.model, "images": len(self.cases), "overall": self.overall,
                 "per_landmark": self.per_landmark, "confidence_ranking": self.ranking,
                 "calibration": self.calibration,
-                "classification": self.classes, "seconds_per_image": self.seconds_per_image,
+                "classification": self.classes, "analyses": self.analyses,
+                "seconds_per_image": self.seconds_per_image,
                 "cases": [c.case_id for c in self.cases], "errors_mm": self.errors.round(4).tolist(),
                 "confidence": self.confidence.round(4).tolist()}
 
@@ -75,6 +83,8 @@ def evaluate(det: Any, cases: Sequence[Case], truth: np.ndarray, hand: bool = Fa
                     (2.0, 4.0, 10.0) if hand else SDR_RADII_MM, seconds)
     if tuple(det.names) == analysis.CEPH_NAMES:
         ev.classes = classification_agreement(pred, truth, scales)
+        ev.analyses = analyses_agreement(pred, truth, scales, ev.confidence,
+                                         error_model(det.card.get("calibration")))
     return ev
 
 
@@ -91,6 +101,34 @@ def classification_agreement(pred: np.ndarray, truth: np.ndarray, spacing: Seque
         out[key] = {"accuracy_pct": float(np.mean(np.equal(pc, tc)) * 100),
                     "mean_abs_diff": float(np.mean([abs(p[key] - t[key]) for p, t in zip(p_vals, t_vals)]))}
     out["average_accuracy_pct"] = float(np.mean([out[k]["accuracy_pct"] for k in analysis.MEASUREMENTS]))
+    return out
+
+
+def analyses_agreement(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
+                       confidence: np.ndarray, model: dict[str, float] | None) -> dict[str, Any]:
+    """Per measurement of every analysis: % of images whose class from the predicted points
+    equals the class from the annotated ones, mean |difference|, and (calibrated models) the %
+    of images whose annotated value lies inside the predicted 90 % interval; then per analysis."""
+    per: dict[str, dict[str, list[float]]] = {m.key: {"agree": [], "diff": [], "inside": []}
+                                              for m in cephalometry.MEASUREMENTS}
+    for p, t, s, c in zip(pred, truth, spacing, confidence):
+        rows = cephalometry.analyse(p, (s, s), c, model)
+        true_values = cephalometry.measure_all(t, (s, s))
+        for m, row in zip(cephalometry.MEASUREMENTS, rows):
+            tv = float(true_values[m.key])
+            per[m.key]["agree"].append(row["class"] == cephalometry.classify(m, tv))
+            per[m.key]["diff"].append(abs(row["value"] - tv))
+            if row["low"] is not None:
+                per[m.key]["inside"].append(row["low"] <= tv <= row["high"])
+
+    def pct(values: list[float]) -> float | None:
+        return float(np.mean(values) * 100) if values else None
+    out = {"per_measurement": {k: {"agreement_pct": pct(v["agree"]), "mean_abs_diff": float(np.mean(v["diff"])),
+                                   "interval_coverage_pct": pct(v["inside"])} for k, v in per.items()}}
+    out["per_analysis"] = {
+        name: {key: pct(sum((per[m.key][field] for m in cephalometry.MEASUREMENTS if m.analysis == name), []))
+               for key, field in (("agreement_pct", "agree"), ("interval_coverage_pct", "inside"))}
+        for name in cephalometry.ANALYSES}
     return out
 
 

@@ -24,7 +24,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -113,8 +113,11 @@ def recover(root: Path, index: dict[str, Any]) -> bool:
 
 
 def export_case(root: str | Path, case_id: str, image: Radiograph, lm: Landmarks,
-                corrected: Sequence[bool], overwrite: bool = False) -> Path:
-    """Write one training case and refresh the index, COCO and CSV files. Returns the case folder."""
+                corrected: Sequence[bool], overwrite: bool = False,
+                extra: Callable[[Path], Any] | None = None) -> Path:
+    """Write one training case and refresh the index, COCO and CSV files. Returns the case folder.
+
+    ``extra(folder)`` writes more files into the case (a report) before it is put in place."""
     root = Path(root)
     if not _SAFE_ID.match(case_id):
         raise ExportError(f"case id {case_id!r}: use letters, digits, '.', '_' or '-' (max 100)")
@@ -135,6 +138,8 @@ def export_case(root: str | Path, case_id: str, image: Radiograph, lm: Landmarks
     try:
         sitk.WriteImage(radiograph_to_itk(image), str(tmp / "image.nrrd"), useCompression=True)
         write_markups(tmp / "landmarks.mrk.json", lm, name=case_id, corrected=corrected)
+        if extra is not None:
+            extra(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

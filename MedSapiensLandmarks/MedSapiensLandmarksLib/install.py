@@ -14,11 +14,12 @@ NEEDS: dict[str, dict[str, str | None]] = {
     "onnx": {"onnxruntime": "onnxruntime>=1.17"},
     "torch": {"torch": None, "torchvision": None, "timm": "timm>=1.0",
               "safetensors": "safetensors>=0.4", "onnx": "onnx>=1.15", "tqdm": "tqdm>=4.60"},
+    "report": {"matplotlib": "matplotlib>=3.7"},
 }
 
 
 def missing_packages(kind: str) -> list[str]:
-    """Import names of ``kind``'s packages ("onnx" or "torch") that are not installed."""
+    """Import names of ``kind``'s packages ("onnx", "torch" or "report") that are not installed."""
     return [name for name in NEEDS[kind] if importlib.util.find_spec(name) is None]
 
 

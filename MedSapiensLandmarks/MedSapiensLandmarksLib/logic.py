@@ -18,14 +18,14 @@ from typing import Any, Callable
 import numpy as np
 
 from . import cephalometry
-from .analysis import CEPH_NAMES
 from .detector import Detector
 from .export import export_case
 from .landmarks import Landmarks
 from .mrml import (
-    ATTR_CALIBRATED,
     ATTR_CONFIDENCE,
+    ATTR_ERROR_MODEL,
     ATTR_MODEL,
+    ATTR_PLAUSIBILITY,
     LPS_TO_RAS,
     corrected_flags,
     landmarks_to_node,
@@ -91,7 +91,11 @@ class LandmarksLogic:
         names = [markups_node.GetNthControlPointLabel(i) for i in range(n)]
         descs = [markups_node.GetNthControlPointDescription(i).split(" (confidence")[0] for i in range(n)]
         lm = Landmarks(names, descs, image.to_pixels(lps), lps, np.asarray(conf, float),
-                       {"model": markups_node.GetAttribute(ATTR_MODEL) or "", "image": image.path})
+                       {"model": markups_node.GetAttribute(ATTR_MODEL) or "", "image": image.path,
+                        "error_model": json.loads(markups_node.GetAttribute(ATTR_ERROR_MODEL) or "null")})
+        verdict = markups_node.GetAttribute(ATTR_PLAUSIBILITY)
+        if verdict:
+            lm.meta["plausibility"] = json.loads(verdict)
         return image, lm
 
     def measurements(self, volume_node: Any, markups_node: Any, slice_index: int | None = None,
@@ -100,12 +104,7 @@ class LandmarksLogic:
         none), with 90 % intervals from the calibrated confidences; a corrected point counts as
         a clinician's placement (`cephalometry.CORRECTED_PROBABILITY`)."""
         image, lm = self.current_landmarks(volume_node, markups_node, slice_index, axis)
-        if tuple(lm.names) != CEPH_NAMES:
-            return []
-        prob = np.where(corrected_flags(markups_node), cephalometry.CORRECTED_PROBABILITY, lm.confidence)
-        calibrated = markups_node.GetAttribute(ATTR_CALIBRATED) == "1"
-        return cephalometry.analyse(lm.xy, image.spacing[:2] if image.spacing_known else None,
-                                    prob if calibrated and np.isfinite(prob).all() else None)
+        return cephalometry.analyse_landmarks(image, lm, corrected_flags(markups_node)) or []
 
     def tracing(self, markups_node: Any, visible: bool) -> list[Any]:
         """Show (creating or moving) or hide the analyses' reference lines of a 19-point node."""
@@ -113,11 +112,21 @@ class LandmarksLogic:
 
     def export(self, volume_node: Any, markups_node: Any, out_dir: str | Path,
                case_id: str | None = None, overwrite: bool = False,
-               slice_index: int | None = None, axis: int = 2) -> Path:
-        """Save image + corrected points as a training case (see `export.export_case`)."""
+               slice_index: int | None = None, axis: int = 2, report: bool = False) -> Path:
+        """Save image + corrected points as a training case (see `export.export_case`); with
+        ``report``, also the patient report ``report.pdf`` in the case folder (needs matplotlib)."""
         image, lm = self.current_landmarks(volume_node, markups_node, slice_index, axis)
-        return export_case(out_dir, case_id or volume_node.GetName(), image, lm,
-                           corrected_flags(markups_node), overwrite=overwrite)
+        case_id = case_id or volume_node.GetName()
+        flags = corrected_flags(markups_node)
+        write_report = None
+        if report:
+            from .patient_report import write_patient_report
+
+            analyses = cephalometry.analyse_landmarks(image, lm, flags)
+
+            def write_report(folder: Path) -> None:
+                write_patient_report(folder / "report.pdf", image, lm, flags, analyses, patient=case_id)
+        return export_case(out_dir, case_id, image, lm, flags, overwrite=overwrite, extra=write_report)
 
     def cleanup(self) -> None:
         for node, tag in self._observed.items():

@@ -26,7 +26,7 @@ ATTR_CORRECTED = "MedSapiens.Corrected"
 ATTR_CONFIDENCE = "MedSapiens.Confidence"
 ATTR_MODEL = "MedSapiens.Model"
 ATTR_VOLUME = "MedSapiens.VolumeID"
-ATTR_CALIBRATED = "MedSapiens.Calibrated"  # "1": confidences are P(error <= 2 mm)
+ATTR_ERROR_MODEL = "MedSapiens.ErrorModel"  # JSON when confidences are calibrated probabilities
 ATTR_PLAUSIBILITY = "MedSapiens.Plausibility"  # the image-level verdict (JSON), when the model has one
 ATTR_TRACING = "MedSapiens.TracingLines"  # JSON {line name: line node ID}
 CORRECTED_TAG = " [corrected]"
@@ -135,7 +135,7 @@ def landmarks_to_node(scene: Any, lm: Landmarks, node: Any | None = None, name: 
     node.SetAttribute(ATTR_DETECTED, json.dumps(positions_ras(node).round(6).tolist()))
     node.SetAttribute(ATTR_CONFIDENCE, json.dumps([round(float(c), 4) for c in lm.confidence]))
     node.SetAttribute(ATTR_MODEL, str(lm.meta.get("model", "")))
-    node.SetAttribute(ATTR_CALIBRATED, "1" if lm.meta.get("calibrated") else "0")
+    node.SetAttribute(ATTR_ERROR_MODEL, json.dumps(lm.meta.get("error_model")))
     if "plausibility" in lm.meta:
         node.SetAttribute(ATTR_PLAUSIBILITY, json.dumps(lm.meta["plausibility"]))
     else:

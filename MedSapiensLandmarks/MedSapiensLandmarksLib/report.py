@@ -34,6 +34,18 @@ def _figures(ev: Evaluation, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "landmark_boxplot.png", dpi=110)
     plt.close(fig)
+    bins = ev.calibration["bins"]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="perfect calibration")
+    ax.plot([b[0] for b in bins], [b[1] for b in bins], "o-", label="this model")
+    for p, h, n in bins:
+        ax.annotate(str(n), (p, h), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (mean of bin)", ylabel="share within 2 mm",
+           title=f"Reliability (ECE {ev.calibration['ece_2mm']:.3f})")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "reliability.png", dpi=110)
+    plt.close(fig)
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -62,6 +74,11 @@ def write_report(ev: Evaluation, out_dir: str | Path, source: str, worst: int = 
               f"Spearman correlation of confidence and error: {rk['spearman']:.3f} (negative = "
               f"confident points are the accurate ones). MRE of the {rk['fraction']:.0%} least-confident "
               f"points {rk['mre_least_confident_mm']:.3f} mm, of the rest {rk['mre_rest_mm']:.3f} mm.", ""]
+    cal = ev.calibration
+    lines += [f"Calibration against \"within 2 mm\": expected calibration error {cal['ece_2mm']:.3f}. The red "
+              f"flag (confidence < 0.5) marks {cal['flagged_pct']:.1f} % of the points and catches "
+              f"{cal['caught_pct']:.1f} % of the {cal['errors_over_radius']} errors > 2 mm.", "",
+              "![reliability diagram](reliability.png)", ""]
     if ev.classes:
         lines += ["## Cephalometric classification (ISBI 2015 measurements)", "",
                   "Class from predicted landmarks vs class from annotated landmarks.", ""]
@@ -69,6 +86,18 @@ def write_report(ev: Evaluation, out_dir: str | Path, source: str, worst: int = 
                         [[k, f"{v['accuracy_pct']:.1f}", f"{v['mean_abs_diff']:.2f}"]
                          for k, v in ev.classes.items() if isinstance(v, dict)])
         lines += ["", f"Average agreement: {ev.classes['average_accuracy_pct']:.1f} %.", ""]
+    if ev.analyses:
+        lines += ["## Analyses", "", "Class from predicted vs annotated landmarks, and the share of images whose "
+                  "annotated value lies in the predicted 90 % interval.", ""]
+
+        def pct(v: float | None) -> str:
+            return "" if v is None else f"{v:.1f}"
+        lines += _table(["measurement", "agreement (%)", "mean abs. difference", "interval coverage (%)"],
+                        [[k, pct(v["agreement_pct"]), f"{v['mean_abs_diff']:.2f}", pct(v["interval_coverage_pct"])]
+                         for k, v in ev.analyses["per_measurement"].items()]
+                        + [[f"**{k}**", pct(v["agreement_pct"]), "", pct(v["interval_coverage_pct"])]
+                           for k, v in ev.analyses["per_analysis"].items()])
+        lines += [""]
     order = np.argsort(-ev.errors.mean(1))[:worst]
     lines += ["## Worst cases", "", "Rings: prediction (red = low confidence); cyan crosses: annotation.", ""]
     for rank, i in enumerate(order, start=1):
