@@ -128,3 +128,41 @@ def test_train_passes_the_learning_rate_and_case_split_to_fit(tmp_path, ceph_dir
     assert main(args + ["--lr", "3e-4"]) == 0
     assert seen == {"train": ["001", "002"], "val": ["003"], "lr": 3e-4}
     assert main(args) == 0 and seen["lr"] == training.TrainConfig().lr == 1e-3
+
+
+def test_measurements_table_and_report_pdf(tmp_path, ceph_dir, capsys):
+    import pypdfium2
+
+    from MedSapiensLandmarksLib.cephalometry import MEASUREMENTS as ANALYSES
+    from MedSapiensLandmarksLib.cephalometry import measure_all
+
+    images = [str(ceph_dir / "images" / f"{i}.jpg") for i in (151, 152)]
+    assert main(["detect", *images, "--spacing", "0.1", "-o", str(tmp_path), "-q",
+                 "--format", "mrk.json,measurements,report"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "measurements.csv")))
+    assert [r["image"] for r in rows] == ["151", "152"]
+    for row in rows:  # the values are the analyses of the written points
+        xy = read_markups(tmp_path / f"{row['image']}.mrk.json")["lps"][:, :2] / 0.1
+        want = measure_all(xy, (0.1, 0.1))
+        for m in ANALYSES:
+            assert float(row[m.key]) == pytest.approx(float(want[m.key]), rel=1e-3, abs=1e-3), m.key
+            assert float(row[f"{m.key} low"]) < float(row[f"{m.key} high"])
+        assert row["plausible"] == "1"
+    # a later run into the same folder adds its image to the cohort table
+    assert main(["detect", str(ceph_dir / "images" / "153.jpg"), "--spacing", "0.1", "-o", str(tmp_path),
+                 "-q", "--format", "measurements"]) == 0
+    assert [r["image"] for r in csv.DictReader(open(tmp_path / "measurements.csv"))] == ["151", "152", "153"]
+    pdf = pypdfium2.PdfDocument(str(tmp_path / "151.report.pdf"))
+    assert len(pdf) == 1
+    page = pdf[0].render(scale=1.0).to_pil().convert("L")
+    assert page.size == (596, 842)  # A4 at 72 dpi
+    pixels = np.asarray(page)
+    assert (pixels < 128).mean() > 0.05  # the radiograph and the tables are drawn
+    text = pdf[0].get_textpage().get_text_range()
+    assert all(a in text for a in ("Steiner", "Downs", "Bjork-Jarabak", "Ricketts", "Legan-Burstone"))
+    # analyses need the 19 cephalometric landmarks
+    capsys.readouterr()
+    hand = ceph_dir.parent / "dha-hand" / "images" / "3143.jpg"
+    assert main(["detect", str(hand), "--model", "hand-default", "-o", str(tmp_path / "h"),
+                 "--format", "measurements"]) == 2
+    assert "measurements output needs a model of the 19 ISBI" in capsys.readouterr().err

@@ -352,3 +352,70 @@ def test_anatomy_of_an_official_multi_dataset_checkpoint_is_chosen_in_the_logic(
     assert [node.GetNthControlPointLabel(i) for i in range(node.GetNumberOfControlPoints())] == \
         [f"Chest_Point{i}" for i in range(1, 7)]
     assert logic.detector("default", anatomy="chest") is logic.detector("default")  # ours: ignored
+
+
+def test_measurements_follow_a_dragged_point_and_corrections_narrow_their_intervals(ceph_dir, tmp_path, scene):
+    from MedSapiensLandmarksLib import cephalometry
+
+    vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path))
+    logic = LandmarksLogic(scene)
+    node = logic.detect(vol)
+    rows = {r["key"]: r for r in logic.measurements(vol, node)}
+    assert len(rows) == len(cephalometry.MEASUREMENTS)
+    # the same numbers as the analyses of the detection itself
+    lm = logic.detector().detect(read_image(ceph_dir / "images" / "151.jpg", spacing=0.1))
+    direct = cephalometry.measure_all(lm.xy, (0.1, 0.1))
+    for key, row in rows.items():
+        assert row["value"] == pytest.approx(float(direct[key]), abs=1e-3), key
+        assert row["low"] is not None and row["high"] > row["low"], key  # calibrated model: intervals
+    # drag B 2 mm backwards along the S-N direction: SNB follows, SNA does not
+    b, n, s = (np.array(node.GetNthControlPointPosition(i)) for i in (5, 1, 0))
+    back = (s - n) / np.linalg.norm(s - n)
+    node.SetNthControlPointPosition(5, *(b + 2.0 * back))
+    after = {r["key"]: r for r in logic.measurements(vol, node)}
+    assert after["Steiner SNA"]["value"] == pytest.approx(rows["Steiner SNA"]["value"], abs=1e-6)
+    assert after["Steiner SNB"]["value"] < rows["Steiner SNB"]["value"] - 0.5
+    # B is now a clinician's point: its SNB interval is as narrow as a 0.84 point gives
+    conf_b = json.loads(node.GetAttribute("MedSapiens.Confidence"))[5]
+    width = after["Steiner SNB"]["high"] - after["Steiner SNB"]["low"]
+    assert (width < rows["Steiner SNB"]["high"] - rows["Steiner SNB"]["low"]) == (conf_b < 0.84)
+
+
+def test_tracing_lines_are_locked_follow_the_points_and_hide(ceph_dir, tmp_path, scene):
+    from MedSapiensLandmarksLib.cephalometry import TRACING_LINES
+
+    vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path))
+    logic = LandmarksLogic(scene)
+    node = logic.detect(vol)
+    assert logic.tracing(node, visible=False) == []  # hiding what was never drawn creates nothing
+    lines = logic.tracing(node, visible=True)
+    assert len(lines) == len(TRACING_LINES) and all(ln.GetLocked() for ln in lines)
+    sn = lines[list(TRACING_LINES).index("S-N")]
+    assert np.allclose(sn.GetNthControlPointPosition(0), node.GetNthControlPointPosition(0))
+    node.SetNthControlPointPosition(0, *(np.array(node.GetNthControlPointPosition(0)) + [3.0, 0, 0]))
+    again = logic.tracing(node, visible=False)
+    assert [ln.GetID() for ln in again] == [ln.GetID() for ln in lines]  # moved, not re-created
+    assert np.allclose(sn.GetNthControlPointPosition(0), node.GetNthControlPointPosition(0))
+    assert not sn.GetDisplayNode().GetVisibility()
+
+
+def test_verdict_reaches_the_node_and_the_exported_report(ceph_dir, tmp_path, scene):
+    import pypdfium2
+
+    from MedSapiensLandmarksLib.mrml import plausibility_warning
+
+    vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path))
+    logic = LandmarksLogic(scene)
+    node = logic.detect(vol)
+    assert plausibility_warning(node) == ""
+    case = logic.export(vol, node, tmp_path / "export", report=True)
+    pdf = pypdfium2.PdfDocument(str(case / "report.pdf"))
+    assert len(pdf) == 1 and pdf[0].get_size() == pytest.approx((595.4, 841.7), abs=1.0)  # A4
+    text = pdf[0].get_textpage().get_text_range()
+    assert "Steiner: SNA" in text and "not a medical device" in text and "ceph-isbi2015" in text
+    hand = tmp_path / "hand.nrrd"
+    sitk.WriteImage(sitk.JoinSeries(sitk.ReadImage(str(ceph_dir.parent / "dha-hand" / "images" / "3143.jpg"))),
+                    str(hand))
+    hand_vol = load_volume(scene, hand)
+    hand_node = logic.detect(hand_vol)
+    assert plausibility_warning(hand_node).startswith("does not look like a lateral cephalogram")
