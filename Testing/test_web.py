@@ -90,6 +90,12 @@ def test_detect_drag_export_finetune_in_a_real_browser(server, ceph_dir, tmp_pat
         page.wait_for_function("document.querySelector('#status').innerText.includes('0.100 mm/pixel')")
         page.click("#detect")
         page.wait_for_function("document.querySelectorAll('#landmarks tbody tr').length == 19")
+        page.wait_for_function("document.querySelectorAll('#measurements tbody tr').length > 20")
+        measured = page.eval_on_selector_all("#measurements tbody td.name", "tds => tds.map(t => t.innerText)")
+        assert "Steiner: SNA" in measured and "Bjork-Jarabak: gonial angle" in measured
+        assert page.query_selector("#plausibility") is None  # a cephalogram: no warning
+        page.click("#tracing")
+        page.wait_for_function("window.trame.state.get('tracing') === true")
         names = page.eval_on_selector_all("#landmarks tbody td.name", "tds => tds.map(t => t.innerText)")
         assert sorted(names) == sorted(["S", "N", "Or", "Po", "A", "B", "Pog", "Me", "Gn", "Go", "LIT", "UIT",
                                         "UL", "LL", "Sn", "Pog'", "PNS", "ANS", "Ar"])
@@ -109,6 +115,8 @@ def test_detect_drag_export_finetune_in_a_real_browser(server, ceph_dir, tmp_pat
         assert page.inner_text("#landmarks tbody tr:has(td.name:text-is('Go')) td.corrected") == "verified"
         go_style = page.get_attribute("#landmarks tbody tr:has(td.name:text-is('Go'))", "style") or ""
         assert "255, 82, 82" not in go_style and "#ff5252" not in go_style  # no longer flagged red
+        page.click("#report")
+        page.wait_for_function("window.trame.state.get('report') === true")
         page.click("#export")
         page.wait_for_function("document.querySelector('#status').innerText.startsWith('exported 151')")
         page.screenshot(path=str(artifacts / "web-detect-drag-export.png"))
@@ -118,6 +126,7 @@ def test_detect_drag_export_finetune_in_a_real_browser(server, ceph_dir, tmp_pat
         ras = doc["lps"][k] * [-1, -1, 1]
         assert np.allclose(ras, after["Go"]["position"], atol=0.01)
         assert (export / "cases" / "151" / "image.nrrd").exists()
+        assert (export / "cases" / "151" / "report.pdf").stat().st_size > 10_000
         assert json.loads((export / "dataset.json").read_text())["cases"][0]["corrected"] == 1
         page.click("#finetune")
         page.wait_for_function("document.querySelector('#status').innerText.startsWith('fine-tuned model')",

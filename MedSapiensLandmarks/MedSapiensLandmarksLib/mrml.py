@@ -34,6 +34,7 @@ LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
 RADIOGRAPH_VOLUME_CLASSES = ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode")
 CONFIDENT_COLOUR = (0.2, 0.85, 0.3)  # "selected" colour of the markups display node
 DOUBTFUL_COLOUR = (1.0, 0.25, 0.2)  # unselected: low-confidence points
+TRACING_COLOUR = (0.25, 0.65, 1.0)
 
 
 def ijk_to_ras(volume_node: Any) -> np.ndarray:
@@ -203,9 +204,17 @@ def update_tracing(scene: Any, node: Any, lines: dict[str, tuple[str, str]], vis
             line.SetNthControlPointPosition(0, *ras[labels.index(a)])
             line.SetNthControlPointPosition(1, *ras[labels.index(b)])
         line.EndModify(was)
-        if line.GetDisplayNode() is not None:
-            line.GetDisplayNode().SetVisibility(visible)
-            line.GetDisplayNode().SetPropertiesLabelVisibility(False)
+        display = line.GetDisplayNode()
+        if display is not None:  # a thin line in its own colour; no end glyphs over the landmarks
+            display.SetVisibility(visible)
+            display.SetPropertiesLabelVisibility(False)
+            display.SetPointLabelsVisibility(False)
+            display.SetUseGlyphScale(True)
+            display.SetGlyphScale(0.01)
+            display.SetCurveLineSizeMode(display.UseLineDiameter)  # not relative to the glyphs
+            display.SetLineDiameter(0.6)
+            display.SetSelectedColor(*TRACING_COLOUR)
+            display.SetColor(*TRACING_COLOUR)
         out.append(line)
     node.SetAttribute(ATTR_TRACING, json.dumps(known))
     return out

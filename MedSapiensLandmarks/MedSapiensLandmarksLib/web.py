@@ -19,7 +19,8 @@ from .export import ExportError
 from .imageio import ImageError, Radiograph, read_image
 from .inputs import IMAGE_SUFFIXES
 from .logic import FinetuneJob, LandmarksLogic
-from .mrml import table_rows
+from .cephalometry import cells
+from .mrml import plausibility_warning, table_rows
 
 MAX_UPLOAD_BYTES = 200 * 1024 * 1024
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,150}$")
@@ -82,8 +83,10 @@ class LandmarksWebApp:
         state = self.server.state
         state.update({"upload": None, "status": "Open a radiograph (PNG, JPEG, DICOM, NRRD…)",
                       "error": "", "rows": [], "case_id": "", "can_detect": False, "can_export": False,
-                      "finetune_progress": 0, "finetune_running": False, "points_view": [], "spacing": ""})
+                      "finetune_progress": 0, "finetune_running": False, "points_view": [], "spacing": "",
+                      "warning": "", "measurements": [], "tracing": False, "report": False})
         state.change("upload")(self.on_upload)
+        state.change("tracing")(lambda **_: self.refresh())
         self._build_ui()
         self.layouts.set_layout("slice")
 
@@ -125,6 +128,7 @@ class LandmarksWebApp:
         self.slicer.display_manager.show_volume(self.volume, do_reset_views=True)
         with self.server.state as s:
             s.can_detect, s.can_export, s.rows, s.error = True, False, [], ""
+            s.warning, s.measurements = "", []
             s.case_id = self.volume.GetName()
             s.status = f"{Path(path).name}: {image.shape[1]}x{image.shape[0]} pixels, " + (
                 f"{image.spacing[0]:.3f} mm/pixel" if image.spacing_known else "no pixel spacing (1 mm assumed)")
@@ -141,16 +145,23 @@ class LandmarksWebApp:
         self.server.state.status = f"{self.markups.GetNumberOfControlPoints()} landmarks detected"
 
     def refresh(self) -> None:
-        """Table rows and the on-screen position of each point (the page and its tests use them)."""
+        """Table rows, the on-screen position of each point (the page and its tests use them),
+        the plausibility warning, the measurements and the tracing lines."""
         if self.markups is None:
             return
         rows = table_rows(self.markups)
         for r in rows:
             r["confidence"] = round(float(r["confidence"]), 3)
             r["position"] = [round(v, 2) for v in self.markups.GetNthControlPointPosition(r["index"])]
+        analyses = self.logic.measurements(self.volume, self.markups)
+        if analyses:
+            self.logic.tracing(self.markups, bool(self.server.state.tracing))
         with self.server.state as s:
             s.rows, s.can_export, s.error = rows, True, ""
             s.points_view = self.points_in_view()
+            s.warning = plausibility_warning(self.markups)
+            s.measurements = [dict(zip(("name", "value", "norm", "class", "interval"), cells(a)),
+                                   uncertain=a["uncertain"]) for a in analyses]
 
     def points_in_view(self) -> list[list[float]]:
         """Each point in the slice view's pixel frame (x right, y down), or [] if no view yet."""
@@ -167,12 +178,14 @@ class LandmarksWebApp:
             out.append([round(float(x), 1), round(float(height - 1 - y), 1)])
         return out
 
-    def export(self) -> None:
+    def export(self, report: bool = False) -> None:
+        """Export the case; ``report`` comes with the click (the checkbox's value in the page)."""
         if self.volume is None or self.markups is None:
             return self._error("detect landmarks first")
         try:
             case = self.logic.export(self.volume, self.markups, self.export_dir,
-                                     case_id=self.server.state.case_id or None)
+                                     case_id=self.server.state.case_id or None,
+                                     report=bool(report))
         except ExportError as err:
             return self._error(str(err))
         self.server.state.status = f"exported {case.name} to {self.export_dir}"
@@ -223,7 +236,7 @@ class LandmarksWebApp:
         with SinglePageWithDrawerLayout(self.server) as self.ui:
             self.ui.title.set_text("MedSapiens Landmarks")
             with self.ui.drawer as drawer:
-                drawer.width = 380
+                drawer.width = 460
                 with v.VContainer(classes="pa-3"):
                     v.VFileInput(v_model=("upload", None), label="Radiograph", id="upload",
                                  accept=",".join(sorted(IMAGE_SUFFIXES)), density="compact")
@@ -233,6 +246,8 @@ class LandmarksWebApp:
                            color="primary", block=True, classes="mb-2")
                     html.Div("{{ status }}", id="status", classes="text-caption mb-1")
                     v.VAlert(v_if=("error",), text=("error",), type="error", density="compact", id="error")
+                    v.VAlert(v_if=("warning",), text=("'Warning: ' + warning",), type="warning",
+                             density="compact", id="plausibility")
                     with v.VTable(density="compact", id="landmarks", height=420, fixed_header=True):
                         with html.Thead():
                             with html.Tr():
@@ -246,8 +261,23 @@ class LandmarksWebApp:
                                 html.Td("{{ r.name }}", classes="name")
                                 html.Td("{{ r.confidence.toFixed(2) }}")
                                 html.Td("{{ r.corrected ? 'verified' : '' }}", classes="corrected")
+                    v.VCheckbox(v_if=("measurements.length",), v_model=("tracing",), label="Show tracing lines",
+                                density="compact", hide_details=True, id="tracing")
+                    with v.VTable(v_if=("measurements.length",), density="compact", id="measurements",
+                                  height=300, fixed_header=True):
+                        with html.Thead():
+                            with html.Tr():
+                                for head in ("measurement", "value", "norm", "class", "90 % interval"):
+                                    html.Th(head)
+                        with html.Tbody():
+                            with html.Tr(v_for="m in measurements", key="m.name",
+                                         style=("m.uncertain ? 'color: #e65100' : ''",)):
+                                for key in ("name", "value", "norm", "class", "interval"):
+                                    html.Td(f"{{{{ m.{key} }}}}", classes=key)
                     v.VTextField(v_model=("case_id",), label="Case id", density="compact", classes="mt-2")
-                    v.VBtn("Export", id="export", click=ctrl.export, disabled=("!can_export",),
+                    v.VCheckbox(v_model=("report",), label="Also write a patient report (PDF)", density="compact",
+                                hide_details=True, id="report")
+                    v.VBtn("Export", id="export", click=(ctrl.export, "[report]"), disabled=("!can_export",),
                            block=True, classes="mb-2")
                     v.VBtn("Fine-tune", id="finetune", click=ctrl.finetune, disabled=("finetune_running",),
                            block=True)
