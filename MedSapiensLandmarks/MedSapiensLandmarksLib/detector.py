@@ -82,9 +82,8 @@ class Detector:
     def detect(self, image: Radiograph) -> Landmarks:
         return self.detect_batch([image])[0]
 
-    def detect_batch(self, images: Sequence[Radiograph]) -> list[Landmarks]:
-        """Detect on several images; `timings` then holds seconds per stage of this call."""
-        clock = _Clock()
+    def _coarse_input(self, images: Sequence[Radiograph]) -> tuple[list[np.ndarray], list[Box], np.ndarray]:
+        """Grey images, their whole-image boxes, and the coarse net's input batch."""
         spec = self.card["coarse"]["input"]
         h_in, w_in = spec["size"]
         grays = [to_uint8_range(to_gray(im.pixels), im.pixels.dtype) for im in images]
@@ -92,18 +91,33 @@ class Detector:
                  for g in grays]
         x = self._to_input([warp(g, b, (w_in, h_in), spec.get("antialias", False))
                             for g, b in zip(grays, boxes)], spec)
+        return grays, boxes, x
+
+    def orientation_confidence(self, images: Sequence[Radiograph]) -> tuple[np.ndarray, np.ndarray]:
+        """Mean coarse confidence of each image as it is and mirrored."""
+        _, _, x = self._coarse_input(images)
+        _, conf = self._heatmaps("coarse", np.concatenate([x, x[..., ::-1]]))
+        return conf[:len(images)].mean(1), conf[len(images):].mean(1)
+
+    def detect_batch(self, images: Sequence[Radiograph]) -> list[Landmarks]:
+        """Detect on several images; `timings` then holds seconds per stage of this call."""
+        clock = _Clock()
+        spec = self.card["coarse"]["input"]
+        grays, boxes, x = self._coarse_input(images)
         clock.lap("preprocess")
         n = len(images)
+        hm, conf = self._heatmaps("coarse", x)
+        mirrored = np.zeros(n, dtype=bool)
         if spec.get("orientation") == "auto":
-            # Also look at the mirror image (a cephalogram facing the other way; one batch with
-            # the original) and keep, per image, the orientation the model is more confident about.
-            hm2, conf2 = self._heatmaps("coarse", np.concatenate([x, x[..., ::-1]]))
-            mirrored = conf2[n:].mean(1) > conf2[:n].mean(1)
-            hm = np.where(mirrored[:, None, None, None], hm2[n:], hm2[:n])
-            conf = np.where(mirrored[:, None], conf2[n:], conf2[:n])
-        else:
-            hm, conf = self._heatmaps("coarse", x)
-            mirrored = np.zeros(n, dtype=bool)
+            # An image the model is unsure about (mean confidence below the card's
+            # "mirror_check_below"; without it, every image) is also looked at mirrored (a
+            # cephalogram facing the other way); the more confident orientation is kept.
+            unsure = np.flatnonzero(conf.mean(1) < spec.get("mirror_check_below", np.inf))
+            if len(unsure):
+                hm_m, conf_m = self._heatmaps("coarse", np.ascontiguousarray(x[unsure][..., ::-1]))
+                better = conf_m.mean(1) > conf[unsure].mean(1)
+                hm[unsure[better]], conf[unsure[better]] = hm_m[better], conf_m[better]
+                mirrored[unsure[better]] = True
         clock.lap("forward")
         uv, _ = decode_heatmaps(hm)
         clock.lap("decode")

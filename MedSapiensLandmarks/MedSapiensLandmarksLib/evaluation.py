@@ -141,6 +141,21 @@ def card_entries(det: Any, train_xy: np.ndarray | None, val_cases: Sequence[Case
     cal = calibrate(ev.raw_confidence, ev.errors, cases=[c.case_id for c in val_cases])
     if hand:
         cal["scale"] = "50 mm wrist width (landmarks 2-6)"
-    if train_xy is None:
-        return {"calibration": cal}
-    return {"calibration": cal, "shape": shape_entry(train_xy, ev.pred, ev.raw_confidence)}
+    out: dict[str, Any] = {"calibration": cal}
+    spec = det.card["coarse"]["input"]
+    if spec.get("orientation") == "auto":
+        kept = {k: v for k, v in spec.items() if k != "mirror_check_below"}
+        out["coarse"] = {**det.card["coarse"], "input": {**kept, **mirror_check(det, val_cases)}}
+    if train_xy is not None:
+        out["shape"] = shape_entry(train_xy, ev.pred, ev.raw_confidence)
+    return out
+
+
+def mirror_check(det: Any, cases: Sequence[Case]) -> dict[str, float]:
+    """When to look at the mirror image too: below the midpoint between the least confident
+    validation image as it is and the most confident one mirrored (nothing when they overlap:
+    then every image is checked both ways)."""
+    right, wrong = det.orientation_confidence([read_image(c.image, spacing=c.spacing) for c in cases])
+    if right.min() <= wrong.max():
+        return {}
+    return {"mirror_check_below": float((right.min() + wrong.max()) / 2)}
