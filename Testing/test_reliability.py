@@ -44,7 +44,10 @@ def test_every_bad_input_gets_one_error_and_the_rest_is_processed(corpus, tmp_pa
                 assert written == [], entry.name
     warned = [line for line in err if line.startswith("warning:")]
     assert any("no-spacing.dcm" in w and "no pixel spacing" in w for w in warned)
-    assert not any("spacing.dcm" in w and "no-spacing" not in w for w in warned)
+    assert not any("spacing.dcm" in w and "no-spacing" not in w and "pixel spacing" in w for w in warned)
+    # the synthetic test pictures are no cephalograms: the plausibility check says so
+    rgb = next(path for entry, path in corpus if entry.name == "rgb.png")
+    assert any(w.startswith(f"warning: {rgb}: does not look like a lateral cephalogram") for w in warned)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 

@@ -184,6 +184,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .datasets import read_landmark_csv
     from .evaluation import card_entries
     from .markups import write_text
+    from .shape import MIN_SHAPES
 
     card_path = resolve(args.model)
     if card_path.suffix == ".pth":
@@ -199,9 +200,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         listed = set(card.get("training", {}).get("train_cases", []))
         train = [c for c in read_landmark_csv(args.train_csv, args.images)
                  if (c.case_id in listed if listed else not args.train_split or c.split == args.train_split)]
-        if len(train) < 10:
+        if len(train) < MIN_SHAPES:
             raise UsageError(f"{args.train_csv}: {len(train)} training cases of this model found; "
-                             f"the shape model needs at least 10")
+                             f"the shape model needs at least {MIN_SHAPES}")
         train_xy = np.stack([c.xy for c in train])
     card.update(card_entries(load_detector(args), train_xy, cases, hand=args.hand))
     write_text(card_path, json.dumps(card, indent=2) + "\n")

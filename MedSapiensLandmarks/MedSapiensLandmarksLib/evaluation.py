@@ -18,7 +18,7 @@ from .metrics import (
     radial_errors,
     summarize,
 )
-from .shape import shape_entry
+from .shape import MIN_SHAPES, shape_entry
 
 
 @dataclass
@@ -146,7 +146,7 @@ def card_entries(det: Any, train_xy: np.ndarray | None, val_cases: Sequence[Case
     if spec.get("orientation") == "auto":
         kept = {k: v for k, v in spec.items() if k != "mirror_check_below"}
         out["coarse"] = {**det.card["coarse"], "input": {**kept, **mirror_check(det, val_cases)}}
-    if train_xy is not None:
+    if train_xy is not None and len(train_xy) >= MIN_SHAPES:
         out["shape"] = shape_entry(train_xy, ev.pred, ev.raw_confidence)
     return out
 

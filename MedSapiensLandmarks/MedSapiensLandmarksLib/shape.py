@@ -18,6 +18,7 @@ import numpy as np
 
 VARIANCE_KEPT = 0.98  # share of the aligned-shape variance held by the principal components
 FOLDS = 5
+MIN_SHAPES = 10  # fewer training shapes: no shape model (a fine-tune on a handful of cases)
 # Verdict limits: margins over what validation images show (chosen on ISBI validation images
 # 141-150 against hands, crops and noise; docs/reliability.md has the rates).
 SCORE_MARGIN = 1.5
