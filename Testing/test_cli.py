@@ -13,6 +13,7 @@ from MedSapiensLandmarksLib.analysis import MEASUREMENTS, measure
 from MedSapiensLandmarksLib.cli import main
 from MedSapiensLandmarksLib.datasets import read_landmark_csv
 from MedSapiensLandmarksLib.markups import read_markups
+from MedSapiensLandmarksLib.overlay import COLOURS, GRAYS, confidence_colour
 from slicer_helpers import read_markups_with_slicer
 
 
@@ -39,7 +40,14 @@ def test_detect_writes_markups_and_overlay_near_the_annotation(tmp_path, ceph_di
     conf = np.array(doc["extra"]["confidence"])
     assert conf.shape == (19,) and ((conf > 0) & (conf <= 1)).all()
     with Image.open(tmp_path / "151.overlay.png") as pic:
-        assert pic.mode == "RGB" and pic.size[1] == 2000 and abs(pic.size[0] - 1612) <= 1
+        assert pic.mode == "P" and pic.size[1] == 2000 and abs(pic.size[0] - 1612) <= 1
+        rgb = np.asarray(pic.convert("RGB")).astype(int)
+    # each ring is drawn around its landmark (scaled 2000/2400) in its confidence colour
+    for k in (0, 9):
+        cx, cy = (xy[k] + 0.5) * 2000 / 2400 - 0.5
+        box = rgb[int(cy) - 15:int(cy) + 16, int(cx) - 15:int(cx) + 16]
+        want = COLOURS[confidence_colour(conf[k]) - GRAYS]
+        assert (box == want).all(-1).sum() > 20, k
     assert (tmp_path / "151.fcsv").exists() and len((tmp_path / "151.csv").read_text().splitlines()) == 20
     rows = list(csv.DictReader(open(tmp_path / "151.analysis.csv")))
     assert [r["measurement"] for r in rows] == list(MEASUREMENTS)
