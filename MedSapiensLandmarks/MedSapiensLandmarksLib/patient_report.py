@@ -87,7 +87,7 @@ def render_report(image: Radiograph, lm: Landmarks, corrected: Sequence[bool] | 
     if analyses:
         fig.text(0.05, 0.485, "Analyses (90 % interval from the points' confidence; orange: the class "
                  "could change within it)", fontsize=7.5)
-        _table(fig.add_axes((0.03, 0.05, 0.94, 0.43)), [cells(r) for r in analyses],
+        _table(fig.add_axes((0.03, 0.065, 0.94, 0.415)), [cells(r) for r in analyses],
                ["measurement", "value", "norm", "class", "90 % interval"], [0.34, 0.12, 0.14, 0.26, 0.14],
                ["#d07000" if r["uncertain"] else "" for r in analyses], 6.0)
     fig.text(0.05, 0.02, DISCLAIMER, fontsize=6.5, style="italic", wrap=True)
