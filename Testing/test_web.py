@@ -131,6 +131,13 @@ def test_detect_drag_export_finetune_in_a_real_browser(server, ceph_dir, tmp_pat
         page.click("#finetune")
         page.wait_for_function("document.querySelector('#status').innerText.startsWith('fine-tuned model')",
                                timeout=300_000)
+        # a hand radiograph with the cephalometric model: the page says so above the table
+        page.set_input_files("input[type=file]", str(ceph_dir.parent / "dha-hand" / "images" / "3143.jpg"))
+        page.wait_for_function("document.querySelector('#status').innerText.startsWith('3143.jpg')")
+        page.click("#detect")
+        page.wait_for_selector("#plausibility")
+        assert "does not look like a lateral cephalogram" in page.inner_text("#plausibility")
+        assert page.query_selector("#measurements") is not None  # still 19 points, still measured
         browser.close()
     assert (export.parent / f"{export.name}-model" / "model.json").exists()
 
