@@ -128,16 +128,18 @@ def test_detect_drag_export_finetune_in_a_real_browser(server, ceph_dir, tmp_pat
         assert (export / "cases" / "151" / "image.nrrd").exists()
         assert (export / "cases" / "151" / "report.pdf").stat().st_size > 10_000
         assert json.loads((export / "dataset.json").read_text())["cases"][0]["corrected"] == 1
-        page.click("#finetune")
-        page.wait_for_function("document.querySelector('#status').innerText.startsWith('fine-tuned model')",
-                               timeout=300_000)
-        # a hand radiograph with the cephalometric model: the page says so above the table
+        # a second image in the same page (a hand radiograph with the cephalometric model): it
+        # loads, and the page says it does not look like a cephalogram, above the table
         page.set_input_files("input[type=file]", str(ceph_dir.parent / "dha-hand" / "images" / "3143.jpg"))
-        page.wait_for_function("document.querySelector('#status').innerText.startsWith('3143.jpg')")
+        page.wait_for_function("document.querySelector('#status').innerText.startsWith('3143.jpg')",
+                               timeout=30_000)
         page.click("#detect")
         page.wait_for_selector("#plausibility")
         assert "does not look like a lateral cephalogram" in page.inner_text("#plausibility")
         assert page.query_selector("#measurements") is not None  # still 19 points, still measured
+        page.click("#finetune")
+        page.wait_for_function("document.querySelector('#status').innerText.startsWith('fine-tuned model')",
+                               timeout=300_000)
         browser.close()
     assert (export.parent / f"{export.name}-model" / "model.json").exists()
 

@@ -8,6 +8,7 @@ session (`python -m MedSapiensLandmarksLib.web`, started by the `gateway`).
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ class LandmarksWebApp:
         self.uploads = Path(uploads) if uploads else Path(tempfile.mkdtemp(prefix="medsapiens-web-"))
         self.uploads.mkdir(parents=True, exist_ok=True)
         self.volume: Any = None
+        self.volume_dir: Path | None = None
         self.markups: Any = None
         self.job: FinetuneJob | None = None
         state = self.server.state
@@ -119,12 +121,18 @@ class LandmarksWebApp:
         except ValueError:
             raise ImageError(f"pixel spacing {text!r} is not a number (mm per pixel)") from None
         image = read_image(path, spacing=spacing)
-        volume_file = gray_volume_file(image, self.uploads)
+        # Its own folder: Slicer's archetype reader takes numbered files of one folder
+        # (151.nrrd, 152.nrrd) for a series, and the second image of a session failed to load.
+        folder = Path(tempfile.mkdtemp(prefix="volume-", dir=self.uploads))
+        volume_file = gray_volume_file(image, folder)
         self.slicer.scene.Clear()
         self.logic.cleanup()
         self.volume = self.slicer.io_manager.load_volumes([str(volume_file)])[0]
         self.volume.SetName(Path(path).name.split(".")[0])
         self.markups = None
+        if self.volume_dir is not None:  # the previous image's converted volume
+            shutil.rmtree(self.volume_dir, ignore_errors=True)
+        self.volume_dir = folder
         self.slicer.display_manager.show_volume(self.volume, do_reset_views=True)
         with self.server.state as s:
             s.can_detect, s.can_export, s.rows, s.error = True, False, [], ""
