@@ -155,6 +155,8 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             return
         if self._watched is not None:
             self.removeObserver(self._watched, self._watched.PointModifiedEvent, self._onPointModified)
+            if slicer.mrmlScene.IsNodePresent(self._watched):
+                self.logic.core.tracing(self._watched, False)  # another node: its lines go away
         self._watched = node
         if node is not None:
             self.logic.core.observe(node)
@@ -202,12 +204,13 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 if row["uncertain"]:
                     item.setForeground(qt.QBrush(qt.QColor("darkorange")))
                 table.setItem(r, c, item)
-        if rows:
-            self.logic.core.tracing(node, self.ui.tracingCheckBox.checked)
+        if node is not None:  # lines follow the points; without analyses they are hidden
+            self.logic.core.tracing(node, bool(rows) and self.ui.tracingCheckBox.checked)
 
     def _sliceIndex(self):
         p = self._parameterNode
-        return p.sliceIndex if p.inputVolume.GetImageData().GetDimensions()[2] > 1 else None
+        image = p.inputVolume.GetImageData()
+        return p.sliceIndex if image and image.GetDimensions()[2] > 1 else None
 
     def _device(self):
         return None if self._parameterNode.device == "auto" else self._parameterNode.device

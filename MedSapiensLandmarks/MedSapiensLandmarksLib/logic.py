@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import cephalometry
+from .analysis import CEPH_NAMES
 from .detector import Detector
 from .export import export_case
 from .landmarks import Landmarks
@@ -103,6 +104,9 @@ class LandmarksLogic:
         """Cephalometric analyses of the node's points as they are now (19 ISBI landmarks; else
         none), with 90 % intervals from the calibrated confidences; a corrected point counts as
         a clinician's placement (`cephalometry.CORRECTED_PROBABILITY`)."""
+        labels = [markups_node.GetNthControlPointLabel(i) for i in range(markups_node.GetNumberOfControlPoints())]
+        if tuple(labels) != CEPH_NAMES:  # before reading the image: this runs while points are dragged
+            return []
         image, lm = self.current_landmarks(volume_node, markups_node, slice_index, axis)
         return cephalometry.analyse_landmarks(image, lm, corrected_flags(markups_node)) or []
 
