@@ -402,6 +402,7 @@ def test_tracing_lines_are_locked_follow_the_points_and_hide(ceph_dir, tmp_path,
 def test_verdict_reaches_the_node_and_the_exported_report(ceph_dir, tmp_path, scene):
     import pypdfium2
 
+    from MedSapiensLandmarksLib.cards import DEFAULT_MODEL
     from MedSapiensLandmarksLib.mrml import plausibility_warning
 
     vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path))
@@ -412,7 +413,7 @@ def test_verdict_reaches_the_node_and_the_exported_report(ceph_dir, tmp_path, sc
     pdf = pypdfium2.PdfDocument(str(case / "report.pdf"))
     assert len(pdf) == 1 and pdf[0].get_size() == pytest.approx((595.4, 841.7), abs=1.0)  # A4
     text = pdf[0].get_textpage().get_text_range()
-    assert "Steiner: SNA" in text and "not a medical device" in text and "ceph-isbi2015" in text
+    assert "Steiner: SNA" in text and "not a medical device" in text and DEFAULT_MODEL in text
     hand = tmp_path / "hand.nrrd"
     sitk.WriteImage(sitk.JoinSeries(sitk.ReadImage(str(ceph_dir.parent / "dha-hand" / "images" / "3143.jpg"))),
                     str(hand))

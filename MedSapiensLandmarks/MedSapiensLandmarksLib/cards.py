@@ -15,9 +15,8 @@ from .errors import CheckpointError
 
 CARD_FORMAT_ONNX = "medsapiens-landmarks-model/2"
 CARD_FORMAT_SAFETENSORS = "medsapiens-landmarks-model/1"
-DEFAULT_MODEL = "ceph-isbi2015"
-# Names of release 0.1 and "default" -> the shipped model that now answers to them.
-ALIASES = {"default": DEFAULT_MODEL, "ceph-default": DEFAULT_MODEL}
+DEFAULT_MODEL = "ceph-default"  # the release model; ceph-isbi2015 is the protocol model
+ALIASES = {"default": DEFAULT_MODEL}
 STAGES = ("coarse", "context", "refine")
 
 

@@ -108,10 +108,11 @@ class Detector:
         n = len(images)
         hm, conf = self._heatmaps("coarse", x)
         mirrored = np.zeros(n, dtype=bool)
-        if spec.get("orientation") == "auto":
+        if spec.get("orientation") == "auto" and not spec.get("flip_test"):
             # An image the model is unsure about (mean confidence below the card's
             # "mirror_check_below"; without it, every image) is also looked at mirrored (a
-            # cephalogram facing the other way); the more confident orientation is kept.
+            # cephalogram facing the other way); the more confident orientation is kept. With
+            # the flip test on, both orientations are already averaged alike: nothing to choose.
             unsure = np.flatnonzero(conf.mean(1) < spec.get("mirror_check_below", np.inf))
             if len(unsure):
                 hm_m, conf_m = self._heatmaps("coarse", np.ascontiguousarray(x[unsure][..., ::-1]))
