@@ -363,7 +363,7 @@ class MedSapiensLandmarksTest(ScriptedLoadableModuleTest):
         if not logic.ensureDependencies("onnx"):
             logging.info("MedSapiensLandmarks test skipped: onnxruntime is not installed")
             return
-        from MedSapiensLandmarksLib.mrml import corrected_flags
+        from MedSapiensLandmarksLib.mrml import corrected_flags, plausibility_warning
 
         rng = np.random.default_rng(0)
         arr = (rng.random((1, 480, 400)) * 50 + 100).astype(np.uint8)
@@ -376,6 +376,12 @@ class MedSapiensLandmarksTest(ScriptedLoadableModuleTest):
         self.assertTrue(corrected_flags(node)[2])
         logic.core.detect(volume, markups_node=node)
         self.assertTrue(np.allclose(node.GetNthControlPointPosition(2), moved))
+        # a noise picture: the points are there, and the warning says it is no cephalogram
+        self.assertIn("does not look like", plausibility_warning(node))
+        rows = logic.core.measurements(volume, node)
+        self.assertTrue(len(rows) > 20 and all(r["low"] is not None for r in rows))
+        lines = logic.core.tracing(node, True)
+        self.assertTrue(lines and all(line.GetLocked() for line in lines))
         with tempfile.TemporaryDirectory() as out:
             case = logic.core.export(volume, node, out)
             self.assertTrue((case / "landmarks.mrk.json").exists())
