@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .processes import own_group, stop_tree
 
 COOKIE = "medsapiens_session"
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
@@ -73,7 +73,7 @@ class Gateway:
                "--idle-timeout", str(int(self.idle_s) + 60)]
         cmd += ["--anatomy", self.anatomy] if self.anatomy else []
         proc = subprocess.Popen(cmd, cwd=str(Path(__file__).resolve().parents[1]),
-                                start_new_session=True)  # its messages go to the server console
+                                **own_group())  # its messages go to the server console
         session = Session(sid, port, proc, uploads)
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
@@ -92,13 +92,7 @@ class Gateway:
     def _end(self, session: Session) -> None:
         """Stop the worker (its whole process group) and delete the session's uploads."""
         self.sessions.pop(session.id, None)
-        if session.proc.poll() is None:
-            try:
-                os.killpg(session.proc.pid, signal.SIGTERM)
-                session.proc.wait(timeout=10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                session.proc.kill()
-                session.proc.wait(timeout=10)
+        stop_tree(session.proc)
         shutil.rmtree(session.uploads, ignore_errors=True)
 
     async def reap(self) -> None:

@@ -7,8 +7,6 @@ is only built when a model is first run.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -35,6 +33,7 @@ from .mrml import (
     update_tracing,
     volume_to_radiograph,
 )
+from .processes import own_group, stop_tree
 
 
 class LandmarksLogic:
@@ -167,7 +166,7 @@ class FinetuneJob:
                str(cases_dir), "--init", str(init), "-o", str(out_dir), "--coarse-epochs",
                str(coarse_epochs), "--refine-epochs", str(refine_epochs)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     cwd=str(Path(__file__).resolve().parents[1]), **_own_group())
+                                     cwd=str(Path(__file__).resolve().parents[1]), **own_group())
         self.lines: list[str] = []
         self.epochs_done = 0
         self.cancelled = False
@@ -196,17 +195,7 @@ class FinetuneJob:
         if self.proc.poll() is not None:
             return
         self.cancelled = True
-        if os.name == "nt":  # the launcher does not forward signals; taskkill /T walks the tree
-            subprocess.run(["taskkill", "/PID", str(self.proc.pid), "/T", "/F"], capture_output=True,
-                           **_own_group())
-        else:
-            _signal_group(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
-            _signal_group(self.proc.pid, signal.SIGKILL)  # stragglers of the group, if any
-        self.proc.wait(timeout=timeout)
+        stop_tree(self.proc, timeout)
         self._reader.join(timeout=timeout)
 
     def wait(self, timeout: float | None = None) -> dict[str, Any]:
@@ -231,20 +220,3 @@ class FinetuneJob:
         return {"returncode": code, "status": status,
                 "model": str(self.out_dir / "model.json") if code == 0 and not self.cancelled else None,
                 "accepted": status == "accepted", **report, "log_tail": self.lines[-5:]}
-
-
-def _own_group() -> dict[str, Any]:
-    """Popen options: a new process group/session, and no console window on Windows."""
-    if os.name != "nt":
-        return {"start_new_session": True}
-    info = subprocess.STARTUPINFO()
-    info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
-    info.wShowWindow = 0  # SW_HIDE
-    return {"startupinfo": info, "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
