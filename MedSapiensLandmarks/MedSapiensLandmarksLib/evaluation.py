@@ -82,9 +82,9 @@ def evaluate(det: Any, cases: Sequence[Case], truth: np.ndarray, hand: bool = Fa
                     radial_errors(pred, truth, mm), np.stack(confs), np.stack(raws),
                     (2.0, 4.0, 10.0) if hand else SDR_RADII_MM, seconds)
     if tuple(det.names) == analysis.CEPH_NAMES:
-        ev.classes = classification_agreement(pred, truth, scales)
         ev.analyses = analyses_agreement(pred, truth, scales, ev.confidence,
                                          error_model(det.card.get("calibration")))
+        ev.classes = isbi_agreement(ev.analyses)
     return ev
 
 
@@ -92,25 +92,28 @@ def classification_agreement(pred: np.ndarray, truth: np.ndarray, spacing: Seque
                              ) -> dict[str, Any]:
     """Per ISBI measurement: % of images whose class from predicted landmarks equals the class
     from the annotated ones, and the mean absolute difference of the values."""
-    out = {}
-    p_vals = [analysis.measure(p, s) for p, s in zip(pred, spacing)]
-    t_vals = [analysis.measure(t, s) for t, s in zip(truth, spacing)]
-    for key in analysis.MEASUREMENTS:
-        pc = [analysis.classify({key: v[key]})[key] for v in p_vals]
-        tc = [analysis.classify({key: v[key]})[key] for v in t_vals]
-        out[key] = {"accuracy_pct": float(np.mean(np.equal(pc, tc)) * 100),
-                    "mean_abs_diff": float(np.mean([abs(p[key] - t[key]) for p, t in zip(p_vals, t_vals)]))}
+    return isbi_agreement(analyses_agreement(pred, truth, spacing))
+
+
+def isbi_agreement(analyses: dict[str, Any]) -> dict[str, Any]:
+    """The ISBI 2015 rows of `analyses_agreement`, keyed as the challenge's 8 measurements."""
+    per = analyses["per_measurement"]
+    out: dict[str, Any] = {key: {"accuracy_pct": per[f"ISBI 2015 {key}"]["agreement_pct"],
+                                 "mean_abs_diff": per[f"ISBI 2015 {key}"]["mean_abs_diff"]}
+                           for key in analysis.MEASUREMENTS}
     out["average_accuracy_pct"] = float(np.mean([out[k]["accuracy_pct"] for k in analysis.MEASUREMENTS]))
     return out
 
 
 def analyses_agreement(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
-                       confidence: np.ndarray, model: dict[str, float] | None) -> dict[str, Any]:
+                       confidence: np.ndarray | None = None, model: dict[str, float] | None = None
+                       ) -> dict[str, Any]:
     """Per measurement of every analysis: % of images whose class from the predicted points
     equals the class from the annotated ones, mean |difference|, and (calibrated models) the %
     of images whose annotated value lies inside the predicted 90 % interval; then per analysis."""
     per: dict[str, dict[str, list[float]]] = {m.key: {"agree": [], "diff": [], "inside": []}
                                               for m in cephalometry.MEASUREMENTS}
+    confidence = confidence if confidence is not None else [None] * len(pred)
     for p, t, s, c in zip(pred, truth, spacing, confidence):
         rows = cephalometry.analyse(p, (s, s), c, model)
         true_values = cephalometry.measure_all(t, (s, s))
