@@ -126,7 +126,7 @@ def test_train_passes_the_learning_rate_and_case_split_to_fit(tmp_path, ceph_dir
 
     seen = {}
 
-    def fake_fit(cases, val, names, out, cfg, card=None, init=None):
+    def fake_fit(cases, val, names, out, cfg, card=None, init=None, reframe=()):
         seen.update(train=[c.case_id for c in cases], val=[c.case_id for c in val], lr=cfg.lr)
         return out / "model.json"
 
@@ -136,6 +136,9 @@ def test_train_passes_the_learning_rate_and_case_split_to_fit(tmp_path, ceph_dir
     assert main(args + ["--lr", "3e-4"]) == 0
     assert seen == {"train": ["001", "002"], "val": ["003"], "lr": 3e-4}
     assert main(args) == 0 and seen["lr"] == training.TrainConfig().lr == 1e-3
+    seen.clear()
+    assert main(args + ["--recipe", "v3", "--reframe", "refine"]) == 2  # nothing to reframe
+    assert seen == {}
 
 
 def test_measurements_table_and_report_pdf(tmp_path, ceph_dir, capsys):

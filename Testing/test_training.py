@@ -130,3 +130,20 @@ def test_init_from_another_landmark_set_transfers_all_but_the_heads(tmp_path, ca
     # lr 0: the transferred weights are exactly the init model's (stored as float16); batch-norm
     # running statistics move during the epoch, so only parameters are compared
     assert len(params) > 50 and all(torch.allclose(got[k].float(), src[k].float(), atol=1e-3) for k in params)
+
+
+def test_reframed_stage_keeps_the_init_weights_and_takes_the_new_patch(tmp_path, cases):
+    base = Detector.load(training.fit(cases[:6], [], NAMES, tmp_path / "base", training.TrainConfig(**CFG)),
+                         backend="torch")
+    cfg = training.TrainConfig(**{**CFG, "coarse_epochs": 0, "refine_epochs": 0,
+                                  "refine_size": (48, 48), "refine_fraction": 0.3})
+    det = Detector.load(training.fit(cases[:6], cases[6:], NAMES, tmp_path / "wide", cfg, init=base,
+                                     reframe=["refine"]), backend="torch")
+    assert det.card["refine"]["input"]["size"] == [48, 48]
+    assert det.card["refine"]["input"]["box_fraction"] == 0.3
+    assert base.card["refine"]["input"]["size"] == [32, 32]  # the init model is left as it was
+    for stage in ("coarse", "refine"):
+        for key, value in base.nets[stage].state_dict().items():
+            assert torch.equal(det.nets[stage].state_dict()[key], value), key
+    lm = det.detect(read_image(cases[6].image, spacing=0.5))
+    assert lm.xy.shape == (2, 2) and np.isfinite(lm.xy).all()

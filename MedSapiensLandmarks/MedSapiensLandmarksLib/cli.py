@@ -264,7 +264,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     anatomy = {19: "a lateral cephalogram", 37: "a hand radiograph"}.get(len(names))
     card = {"name": args.name or Path(args.output).name, **({"anatomy": anatomy} if anatomy else {}),
             "dataset": {"source": str(args.csv or args.cases), "train": len(cases), "val": len(val)}}
-    path = fit(cases, val, names, Path(args.output), cfg, card=card, init=init)
+    if args.reframe and init is None:
+        raise UsageError("--reframe needs --init (the model whose stages are reframed)")
+    path = fit(cases, val, names, Path(args.output), cfg, card=card, init=init, reframe=args.reframe)
     print(f"model written: {path}")
     if before is not None:
         after = mean_radial_error(Detector.load(path, device="cpu", backend="torch"), val)
@@ -402,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peak learning rate (default 1e-3; lower it to continue training a model)")
     t.add_argument("--recipe", default="v1",
                    help="architecture + augmentation recipe (training.RECIPES: v1, v2)")
+    t.add_argument("--reframe", nargs="+", default=[], choices=["coarse", "context", "refine"],
+                   help="with --init: these stages keep their weights but take the recipe's input size "
+                        "and patch extent")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None)
     t.set_defaults(func=cmd_train)
