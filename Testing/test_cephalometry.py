@@ -131,3 +131,18 @@ def test_interval_widens_with_doubt_and_flags_a_class_that_could_change():
     assert rows["Steiner SNA"]["value"] == pytest.approx(83.9) and rows["Steiner SNA"]["class"] == "normal"
     assert rows["Steiner SNA"]["uncertain"]  # 0.1 deg below the upper limit of the norm
     assert not C.analyse(xy, SPACING)[0]["uncertain"] and C.analyse(xy, SPACING)[0]["low"] is None
+
+
+def test_coinciding_points_leave_their_measurements_undefined_and_the_rest_intact():
+    import warnings
+
+    flat = dict(RIGHT_ANGLES, Go=RIGHT_ANGLES["Me"])  # no mandibular plane: Go on Me
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # quietly: no division warning from numpy
+        rows = {r["key"]: r for r in C.analyse(pixels(flat), SPACING)}
+    undefined = {k for k, r in rows.items() if np.isnan(r["value"])}
+    assert {"Downs FH-MP", "Ricketts mandibular plane angle", "Bjork-Jarabak gonial angle"} <= undefined
+    assert "Steiner SNA" not in undefined and rows["Steiner SNA"]["value"] == pytest.approx(90)
+    assert rows["Bjork-Jarabak Go-Me"]["value"] == pytest.approx(0)
+    for key in undefined:
+        assert rows[key]["note"] == "undefined: two of its points coincide" and rows[key]["class"] == ""

@@ -185,7 +185,14 @@ def _op(m: Measurement, p: dict[str, np.ndarray], done: dict[str, np.ndarray],
 def measure_all(xy: np.ndarray, spacing: float | Sequence[float] | None,
                 names: Sequence[str] = analysis.CEPH_NAMES) -> dict[str, np.ndarray]:
     """Every measurement (key -> value, with ``xy``'s leading axes) from landmarks in pixels.
-    Without a pixel spacing (None), millimetre distances are NaN; angles and ratios remain."""
+    Without a pixel spacing (None), millimetre distances are NaN; angles and ratios remain. A
+    measurement whose line or angle is undefined (two of its points coincide) is NaN."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _measure_all(xy, spacing, names)
+
+
+def _measure_all(xy: np.ndarray, spacing: float | Sequence[float] | None,
+                 names: Sequence[str]) -> dict[str, np.ndarray]:
     known = spacing is not None
     sx, sy = (spacing, spacing) if np.isscalar(spacing) else (spacing if known else (1.0, 1.0))
     mm = facing_right(np.asarray(xy, dtype=np.float64) * [sx, sy], names.index("S"), names.index("N"))
@@ -235,7 +242,7 @@ def analyse(xy: np.ndarray, spacing: Sequence[float] | None, probability: np.nda
             "key": m.key, "analysis": m.analysis, "measurement": m.name, "value": v, "unit": m.unit,
             "norm": m.norm, "class": classify(m, v), "definition": m.definition, "source": m.source,
             "deviation_sd": (v - m.mean) / m.sd if m.sd else None, "low": None, "high": None,
-            "uncertain": False, "note": "needs pixel spacing" if np.isnan(v) else ""}
+            "uncertain": False, "note": _note(m, v, spacing)}
         if spread is not None and not np.isnan(v):
             lo, hi = np.percentile(spread[m.key], INTERVAL)
             row.update(low=float(lo), high=float(hi),
@@ -243,6 +250,12 @@ def analyse(xy: np.ndarray, spacing: Sequence[float] | None, probability: np.nda
                        or classify(m, float(lo)) != row["class"])
         rows.append(row)
     return rows
+
+
+def _note(m: Measurement, value: float, spacing: Sequence[float] | None) -> str:
+    if not np.isnan(value):
+        return ""
+    return "needs pixel spacing" if spacing is None and m.unit == "mm" else "undefined: two of its points coincide"
 
 
 def analyse_landmarks(image: Radiograph, lm: Landmarks, corrected: Sequence[bool] | None = None
