@@ -169,8 +169,10 @@ def test_card_with_fewer_landmarks_than_the_weights_is_refused(hand_copy):
 
 
 def test_card_framing_another_input_size_is_refused(hand_copy):
-    _edit_card(hand_copy, lambda c: c["refine"]["input"].update(size=[96, 96]))
-    with pytest.raises(CheckpointError, match=r"the refine graph takes 1x64x64 inputs, the card frames 1x96x96"):
+    h, w = json.loads((hand_copy / "model.json").read_text())["refine"]["input"]["size"]
+    _edit_card(hand_copy, lambda c: c["refine"]["input"].update(size=[h + 32, w + 32]))
+    with pytest.raises(CheckpointError, match=rf"the refine graph takes 1x{h}x{w} inputs, the card frames "
+                                              rf"1x{h + 32}x{w + 32}"):
         Detector.load(hand_copy)
 
 
