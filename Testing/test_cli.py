@@ -177,3 +177,26 @@ def test_measurements_table_and_report_pdf(tmp_path, ceph_dir, capsys):
     assert main(["detect", str(hand), "--model", "hand-default", "-o", str(tmp_path / "h"),
                  "--format", "measurements"]) == 2
     assert "measurements output needs a model of the 19 ISBI" in capsys.readouterr().err
+
+
+def test_calibrate_refits_the_shipped_card_from_its_validation_cases(tmp_path, ceph_dir):
+    import shutil
+
+    shipped = ROOT / "MedSapiensLandmarks" / "Resources" / "Models" / "ceph-isbi2015"
+    model = tmp_path / "ceph"
+    shutil.copytree(shipped, model)
+    card = json.loads((model / "model.json").read_text())
+    want = {k: card.pop(k) for k in ("calibration", "shape")}
+    want_mirror = card["coarse"]["input"].pop("mirror_check_below")
+    (model / "model.json").write_text(json.dumps(card))
+    train = str(ceph_dir / "train_senior.csv")
+    ids = ",".join(str(i) for i in range(141, 151))
+    assert main(["calibrate", train, "--model", str(model), "--ids", ids, "--train-csv", train]) == 0
+    got = json.loads((model / "model.json").read_text())
+    # the shipped card was fitted by this command on validation 141-150 and training 001-140
+    for key in ("a", "b", "tail_dof", "validation_ece"):
+        assert got["calibration"][key] == pytest.approx(want["calibration"][key], rel=1e-3), key
+    assert sorted(got["calibration"]["cases"]) == [f"{i:03d}" for i in range(141, 151)]
+    assert got["coarse"]["input"]["mirror_check_below"] == pytest.approx(want_mirror, rel=1e-3)
+    for key in ("shape_score", "mean_confidence", "validation_max_score"):
+        assert got["shape"]["thresholds"][key] == pytest.approx(want["shape"]["thresholds"][key], rel=1e-3), key

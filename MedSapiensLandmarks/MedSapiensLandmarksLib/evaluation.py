@@ -10,7 +10,7 @@ import numpy as np
 from . import analysis, cephalometry
 from .calibration import calibrate, error_model, flag_stats, reliability
 from .datasets import Case
-from .imageio import read_image
+from .imageio import Radiograph, read_image
 from .metrics import (
     SDR_RADII_MM,
     confidence_ranking,
@@ -64,12 +64,14 @@ class Evaluation:
                 "confidence": self.confidence.round(4).tolist()}
 
 
-def evaluate(det: Any, cases: Sequence[Case], truth: np.ndarray, hand: bool = False) -> Evaluation:
-    """Run ``det`` on every case; errors in mm (hands: 50 mm wrist-width normalisation)."""
+def evaluate(det: Any, cases: Sequence[Case], truth: np.ndarray, hand: bool = False,
+             images: Sequence[Radiograph] | None = None) -> Evaluation:
+    """Run ``det`` on every case (``images``: the cases' images when already read); errors in mm
+    (hands: 50 mm wrist-width normalisation)."""
     preds, scales, confs, raws = [], [], [], []
     t0 = time.time()
-    for case in cases:
-        image = read_image(case.image, spacing=case.spacing)
+    for i, case in enumerate(cases):
+        image = images[i] if images is not None else read_image(case.image, spacing=case.spacing)
         lm = det.detect(image)
         preds.append(lm.xy)
         confs.append(lm.confidence)
@@ -140,7 +142,8 @@ def card_entries(det: Any, train_xy: np.ndarray | None, val_cases: Sequence[Case
     """What every fit writes into its card from its validation cases (never test sets): the
     confidence calibration (hands: millimetres by the 50 mm wrist normalisation) and, given
     ``train_xy`` (the training annotations), the shape model with its verdict limits."""
-    ev = evaluate(det, val_cases, np.stack([c.xy for c in val_cases]), hand=hand)
+    images = [read_image(c.image, spacing=c.spacing) for c in val_cases]
+    ev = evaluate(det, val_cases, np.stack([c.xy for c in val_cases]), hand=hand, images=images)
     cal = calibrate(ev.raw_confidence, ev.errors, cases=[c.case_id for c in val_cases])
     if hand:
         cal["scale"] = "50 mm wrist width (landmarks 2-6)"
@@ -148,17 +151,17 @@ def card_entries(det: Any, train_xy: np.ndarray | None, val_cases: Sequence[Case
     spec = det.card["coarse"]["input"]
     if spec.get("orientation") == "auto":
         kept = {k: v for k, v in spec.items() if k != "mirror_check_below"}
-        out["coarse"] = {**det.card["coarse"], "input": {**kept, **mirror_check(det, val_cases)}}
+        out["coarse"] = {**det.card["coarse"], "input": {**kept, **mirror_check(det, images)}}
     if train_xy is not None and len(train_xy) >= MIN_SHAPES:
         out["shape"] = shape_entry(train_xy, ev.pred, ev.raw_confidence)
     return out
 
 
-def mirror_check(det: Any, cases: Sequence[Case]) -> dict[str, float]:
+def mirror_check(det: Any, images: Sequence[Radiograph]) -> dict[str, float]:
     """When to look at the mirror image too: below the midpoint between the least confident
     validation image as it is and the most confident one mirrored (nothing when they overlap:
     then every image is checked both ways)."""
-    right, wrong = det.orientation_confidence([read_image(c.image, spacing=c.spacing) for c in cases])
+    right, wrong = det.orientation_confidence(images)
     if right.min() <= wrong.max():
         return {}
     return {"mirror_check_below": float((right.min() + wrong.max()) / 2)}
