@@ -74,7 +74,10 @@ def test_class_limits_are_inclusive_normal_ranges():
 
 
 def test_classification_agreement_counts_changed_classes():
-    from MedSapiensLandmarksLib.evaluation import classification_agreement
+    from MedSapiensLandmarksLib.evaluation import analyses_agreement, isbi_agreement
+
+    def classification_agreement(pred, truth, spacing):
+        return isbi_agreement(analyses_agreement(pred, truth, spacing))
 
     truth = np.stack([skull(sna=82, snb=78), skull(sna=82, snb=78), skull(sna=84, snb=80)])
     same = classification_agreement(truth, truth, [1.0] * 3)

@@ -90,15 +90,10 @@ def evaluate(det: Any, cases: Sequence[Case], truth: np.ndarray, hand: bool = Fa
     return ev
 
 
-def classification_agreement(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]
-                             ) -> dict[str, Any]:
-    """Per ISBI measurement: % of images whose class from predicted landmarks equals the class
-    from the annotated ones, and the mean absolute difference of the values."""
-    return isbi_agreement(analyses_agreement(pred, truth, spacing))
-
-
 def isbi_agreement(analyses: dict[str, Any]) -> dict[str, Any]:
-    """The ISBI 2015 rows of `analyses_agreement`, keyed as the challenge's 8 measurements."""
+    """The ISBI 2015 rows of `analyses_agreement`, keyed as the challenge's 8 measurements: per
+    measurement, % of images whose class from the predicted points equals the annotated one's,
+    and the mean absolute difference of the values."""
     per = analyses["per_measurement"]
     out: dict[str, Any] = {key: {"accuracy_pct": per[f"ISBI 2015 {key}"]["agreement_pct"],
                                  "mean_abs_diff": per[f"ISBI 2015 {key}"]["mean_abs_diff"]}

@@ -65,7 +65,8 @@ class TrainConfig:
 # <= 30 MB recipe: a 512x416 whole-image stage with a slim decoder, a small patch net, and
 # augmentation for what differs between sites (pixel size, collimation, burned-in marks, JPEG);
 # "v3" widens v2's patch stage at the same resolution (0.225 mm/pixel on ISBI): 128x128 over 12 %
-# of the image height (29 mm) sees the contours that place A, B, Po, Go and Ar.
+# of the image height; the hand models' patch stage (on cephalograms it gained nothing on test1:
+# docs/benchmarks.md, round 4).
 _V2: dict[str, Any] = dict(
     coarse_size=(512, 416), coarse_decoder=(128, 64, 32, 32), refine_encoder="resnet10t",
     refine_decoder=(64, 32, 32), refine_depth=4, scale_range=(0.8, 1.25), patch_scale=0.1, site_shift=0.3)
