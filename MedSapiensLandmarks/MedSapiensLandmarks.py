@@ -8,13 +8,16 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import unittest
 from pathlib import Path
-from typing import Annotated, Union
+from typing import Annotated, Optional, Union
 
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode
+from MedSapiensLandmarksLib.panel import ANATOMY_OWN, DEFAULTS, PanelController, finetune_outcome
+from slicer import (vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsLineNode, vtkMRMLScalarVolumeNode,
+                    vtkMRMLVectorVolumeNode)
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
@@ -40,23 +43,28 @@ class MedSapiensLandmarks(ScriptedLoadableModule):
 @parameterNodeWrapper
 class MedSapiensLandmarksParameterNode:
     # Grey radiographs load as scalar volumes, colour PNG/JPEG/BMP as vector volumes (the .ui
-    # shows exactly these two classes: no label maps).
-    inputVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode]
+    # shows exactly these two classes: no label maps). Optional: Slicer writes None into a new node.
+    inputVolume: Optional[Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode]]
     sliceIndex: Annotated[int, WithinRange(0, 100000)] = 0
-    model: str = "default"
-    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
-    # only for official multi-dataset checkpoints (88 channels); "" = the checkpoint's own set
-    anatomy: Annotated[str, Choice(["", "head", "chest", "hand", "leg"])] = ""
-    landmarks: vtkMRMLMarkupsFiducialNode
-    exportFolder: Path = Path.home() / "MedSapiensLandmarks" / "cases"
+    model: str = DEFAULTS["model"]
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = DEFAULTS["device"]
+    # only for official multi-dataset checkpoints (88 channels)
+    anatomy: Annotated[str, Choice([ANATOMY_OWN, "head", "chest", "hand", "leg"])] = ANATOMY_OWN
+    landmarks: Optional[vtkMRMLMarkupsFiducialNode]
+    ruler: Optional[vtkMRMLMarkupsLineNode]
+    rulerDistance: Annotated[float, WithinRange(0.1, 1000.0)] = 10.0
+    exportFolder: Path = DEFAULTS["exportFolder"]
     caseId: str = ""
 
 
 class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Qt binding of `PanelController`: signals in, `PanelView` out; no decision of its own."""
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self.panel = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
@@ -76,6 +84,7 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedSapiensLandmarksLogic()
+        self.panel = PanelController(self.logic.core, qt.QSettings())
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.detectButton.connect("clicked(bool)", self.onDetect)
@@ -83,6 +92,9 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.modelFileButton.connect("clicked(bool)", self.onChooseModelFile)
+        self.ui.spacingButton.connect("clicked(bool)", self.onSetSpacing)
+        self.ui.calibrateButton.connect("clicked(bool)", self.onCalibrate)
+        self.ui.rulerSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.rulerPlaceWidget.setCurrentNode)
         self.ui.landmarkTable.connect("cellClicked(int,int)", self.onTableClicked)
         self.ui.tracingCheckBox.connect("toggled(bool)", lambda checked: self._fillTable())
         self.ui.warningLabel.hide()
@@ -93,7 +105,7 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._timer.stop()
         self._tableTimer.stop()
         if self._job is not None:
-            self._job.cancel()
+            self._job.cancel(wait=False)
             self._job = None
         if self.logic:
             self.logic.cleanup()
@@ -118,11 +130,11 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def initializeParameterNode(self) -> None:
         from MedSapiensLandmarksLib.mrml import first_radiograph_volume
 
-        self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            first = first_radiograph_volume(slicer.mrmlScene)
-            if first:
-                self._parameterNode.inputVolume = first
+        node = self.logic.getParameterNode()
+        self.panel.restore(node)  # the user's model, device and export folder survive Close Scene
+        if not node.inputVolume:
+            node.inputVolume = first_radiograph_volume(slicer.mrmlScene)
+        self.setParameterNode(node)
 
     def setParameterNode(self, node) -> None:
         if self._parameterNode:
@@ -136,21 +148,25 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def _updateGui(self, caller=None, event=None) -> None:
         p = self._parameterNode
-        volume = p.inputVolume if p else None
-        depth = volume.GetImageData().GetDimensions()[2] if volume and volume.GetImageData() else 1
-        self.ui.sliceIndexSpinBox.enabled = depth > 1
-        self.ui.sliceIndexSpinBox.maximum = max(0, depth - 1)
-        self.ui.detectButton.enabled = bool(volume) and self._job is None
-        has_points = bool(p and p.landmarks and volume)
-        self.ui.exportButton.enabled = has_points
-        self.ui.finetuneButton.enabled = bool(p) and self._job is None
-        self.ui.cancelButton.enabled = self._job is not None
-        self._watch(p.landmarks if p else None)
-        self._fillTable()
+        if p is not None:
+            self.panel.sync(p)  # a new volume brings its own landmark list
+        view = self.panel.view(p, self._job is not None)
+        self.ui.sliceIndexSpinBox.enabled = view.slice_enabled
+        self.ui.sliceIndexSpinBox.maximum = view.slice_max
+        self.ui.detectButton.enabled = view.detect
+        self.ui.exportButton.enabled = view.export
+        self.ui.finetuneButton.enabled = view.finetune
+        self.ui.cancelButton.enabled = view.cancel
+        self.ui.calibrateButton.enabled = self.ui.spacingButton.enabled = view.calibrate
+        self.ui.spacingLabel.text = view.spacing
+        self.ui.noticeLabel.text = view.notice
+        self.ui.noticeLabel.visible = bool(view.notice)
+        self._watch(self.panel.shown_landmarks(p))
+        self._fillTable(view)
 
     def _watch(self, node) -> None:
-        """Follow the selected markups node, however it got there (Detect, the selector, a
-        scene load): corrections are recorded by the logic, point moves refresh the table."""
+        """Follow the shown markups node, however it got there (Detect, the selector, a scene
+        load): corrections are recorded by the logic, point moves refresh the table."""
         if node is self._watched:
             return
         if self._watched is not None:
@@ -166,23 +182,18 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if not self._tableTimer.isActive():
             self._tableTimer.start()
 
-    def _fillTable(self) -> None:
-        from MedSapiensLandmarksLib.markups import LOW_CONFIDENCE
-        from MedSapiensLandmarksLib.mrml import table_rows
-
+    def _fillTable(self, view=None) -> None:
+        view = view or self.panel.view(self._parameterNode, self._job is not None)
         table = self.ui.landmarkTable
-        node = self._parameterNode.landmarks if self._parameterNode else None
-        rows = table_rows(node) if node else []
-        table.setRowCount(len(rows))
-        for r, row in enumerate(rows):
-            cells = [row["name"], f"{row['confidence']:.2f}", "verified" if row["corrected"] else ""]
-            for c, text in enumerate(cells):
+        table.setRowCount(len(view.rows))
+        for r, row in enumerate(view.rows):
+            for c, text in enumerate([row["name"], f"{row['confidence']:.2f}", row["state"]]):
                 item = qt.QTableWidgetItem(text)
                 item.setData(qt.Qt.UserRole, row["index"])
-                if row["confidence"] < LOW_CONFIDENCE and not row["corrected"]:
+                if row["doubtful"]:
                     item.setForeground(qt.QBrush(qt.QColor("red")))
                 table.setItem(r, c, item)
-        self._showAnalysis(node)
+        self._showAnalysis(self.panel.shown_landmarks(self._parameterNode))
 
     def _showAnalysis(self, node) -> None:
         """The plausibility warning, the measurements of the current points, the tracing lines."""
@@ -192,8 +203,8 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         warning = plausibility_warning(node)
         self.ui.warningLabel.text = f"Warning: {warning}" if warning else ""
         self.ui.warningLabel.visible = bool(warning)
-        volume = self._parameterNode.inputVolume if self._parameterNode else None
-        rows = self.logic.core.measurements(volume, node, self._sliceIndex()) if node and volume else []
+        p = self._parameterNode
+        rows = self.logic.core.measurements(p.inputVolume, node, self.panel.slice_index(p)) if node else []
         table = self.ui.measurementTable
         table.visible = self.ui.tracingCheckBox.visible = bool(rows)
         table.setRowCount(len(rows))
@@ -207,29 +218,26 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if node is not None:  # lines follow the points; without analyses they are hidden
             self.logic.core.tracing(node, bool(rows) and self.ui.tracingCheckBox.checked)
 
-    def _sliceIndex(self):
-        p = self._parameterNode
-        image = p.inputVolume.GetImageData()
-        return p.sliceIndex if image and image.GetDimensions()[2] > 1 else None
-
-    def _device(self):
-        return None if self._parameterNode.device == "auto" else self._parameterNode.device
-
     def onDetect(self) -> None:
-        from MedSapiensLandmarksLib.cards import backend_kind
-
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Landmark detection failed.", waitCursor=True):
-            if not self.logic.ensureDependencies(backend_kind(p.model)):
+            if not self.logic.ensureDependencies(self.panel.dependencies(p)):
                 return
             self.ui.statusLabel.text = "Detecting..."
             slicer.app.processEvents()
-            node = self.logic.core.detect(p.inputVolume, model=p.model, markups_node=p.landmarks,
-                                          slice_index=self._sliceIndex(),
-                                          device=self._device(), anatomy=p.anatomy or None)
-            if p.landmarks is not node:
-                p.landmarks = node
+            node = self.panel.detect(p)
             self.ui.statusLabel.text = f"{node.GetNumberOfControlPoints()} landmarks; drag to correct."
+            self._updateGui()
+
+    def onSetSpacing(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Could not set the pixel spacing."):
+            self.panel.set_spacing(self._parameterNode, self.ui.spacingEdit.text)
+            self._updateGui()
+
+    def onCalibrate(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Ruler calibration failed."):
+            self.panel.calibrate(p, p.ruler, str(p.rulerDistance))
             self._updateGui()
 
     def onChooseModelFile(self) -> None:
@@ -239,20 +247,17 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self._parameterNode.model = path
 
     def onTableClicked(self, row: int, column: int) -> None:
-        node = self._parameterNode.landmarks
+        node = self.panel.shown_landmarks(self._parameterNode)
         index = self.ui.landmarkTable.item(row, 0).data(qt.Qt.UserRole)
         if node is not None and index is not None:
             slicer.modules.markups.logic().JumpSlicesToNthPointInMarkup(node.GetID(), int(index), True)
 
     def onExport(self) -> None:
-        p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
             report = self.ui.reportCheckBox.checked
             if report and not self.logic.ensureDependencies("report"):
                 return
-            case = self.logic.core.export(p.inputVolume, p.landmarks, p.exportFolder,
-                                          case_id=p.caseId or None, slice_index=self._sliceIndex(),
-                                          report=report)
+            case = self.panel.export(self._parameterNode, report=report)
             self.ui.statusLabel.text = f"Exported {case}"
 
     def onFinetune(self) -> None:
@@ -281,32 +286,21 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         result = job.result()
         self._job = None
         self.ui.progressBar.value = 100
-        status = result["status"]
-        self.ui.statusLabel.text = f"Fine-tuning {status}."
-        if status == "failed":
-            slicer.util.errorDisplay("Fine-tuning failed:\n" + "\n".join(result["log_tail"]))
-        elif status == "accepted":
-            self._offerModel(result["model"], f"Fine-tuned model: MRE {result['mre_after_mm']:.2f} mm on "
-                             f"held-back cases (was {result['mre_before_mm']:.2f} mm). Use it?")
-        elif status == "rejected":
-            slicer.util.infoDisplay(
-                f"The fine-tuned model was not better on held-back cases (MRE {result['mre_after_mm']:.2f} "
-                f"vs {result['mre_before_mm']:.2f} mm); the current model is kept.")
-        elif status == "unvalidated":
-            self._offerModel(result["model"], "Fine-tuned on too few cases to hold any back for a "
-                             "check (export at least 2). Use the new model anyway?")
+        self.ui.statusLabel.text = f"Fine-tuning {result['status']}."
+        kind, text = finetune_outcome(result)
+        if kind == "error":
+            slicer.util.errorDisplay(text)
+        elif kind == "info":
+            slicer.util.infoDisplay(text)
+        elif kind == "question" and self._parameterNode and slicer.util.confirmYesNoDisplay(text):
+            self._parameterNode.model = result["model"]
         if self._parameterNode:  # None after File > Close Scene during the run
             self._updateGui()
-
-    def _offerModel(self, model: str, question: str) -> None:
-        if self._parameterNode and slicer.util.confirmYesNoDisplay(question):
-            self._parameterNode.model = model
 
     def onCancel(self) -> None:
         if self._job is not None:
             self.ui.statusLabel.text = "Cancelling fine-tuning..."
-            slicer.app.processEvents()
-            self._job.cancel()
+            self._job.cancel(wait=False)  # the poll timer sees the end; the GUI never blocks
 
 
 class MedSapiensLandmarksLogic(ScriptedLoadableModuleLogic):
@@ -343,47 +337,79 @@ class MedSapiensLandmarksLogic(ScriptedLoadableModuleLogic):
 
 
 class MedSapiensLandmarksTest(ScriptedLoadableModuleTest):
-    """Runs in real Slicer: detect -> correct -> re-detect -> export on a synthetic radiograph.
+    """Runs in real Slicer (Reload and Test, or ``slicer.selfTests["MedSapiensLandmarks"]()``):
+    the panel is built through Slicer's own module path and survives Close Scene; then, on two
+    synthetic radiographs, Detect -> drag -> the second patient -> Detect -> Export both.
 
-    Skipped (never installs anything in testing mode) when onnxruntime is not installed."""
+    Without onnxruntime the detection part raises unittest's SkipTest (a visible skip, never a
+    silent pass); nothing is installed in testing mode."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_detect_correct_export()
+        """Through unittest's runner (as ctest runs it), so a skip is reported as a skip in
+        Reload and Test too; a failure or error raises."""
+        tests = unittest.defaultTestLoader.loadTestsFromTestCase(type(self))
+        result = unittest.TextTestRunner(verbosity=2).run(tests)
+        for test, reason in result.skipped:
+            slicer.util.delayDisplay(f"Skipped {test.id()}: {reason}")
+        if not result.wasSuccessful():
+            raise AssertionError("; ".join(str(err) for _test, err in result.failures + result.errors))
 
-    def test_detect_correct_export(self):
+    def _widget(self):
+        slicer.util.selectModule("MedSapiensLandmarks")  # Slicer builds the panel: setup() runs
+        return slicer.modules.medsapienslandmarks.widgetRepresentation().self()
+
+    def test_panel_opens(self):
+        widget = self._widget()
+        self.assertIsNotNone(widget._parameterNode, "the panel has no parameter node")
+        self.assertIsNotNone(widget._parameterNodeGuiTag, "the selectors are not bound")
+        slicer.mrmlScene.Clear()  # File > Close Scene
+        self.assertIsNotNone(widget._parameterNode, "no parameter node after Close Scene")
+        self.assertIsNone(widget._parameterNode.landmarks)
+        logging.info("MedSapiensLandmarks panel opens, also after Close Scene")
+
+    def test_two_patients(self):
         import tempfile
 
         import numpy as np
 
-        logic = MedSapiensLandmarksLogic()
-        if not logic.ensureDependencies("onnx"):
-            logging.info("MedSapiensLandmarks test skipped: onnxruntime is not installed")
-            return
-        from MedSapiensLandmarksLib.mrml import corrected_flags, plausibility_warning
+        widget = self._widget()
+        if not widget.logic.ensureDependencies("onnx"):
+            self.skipTest("onnxruntime is not installed: the detection part of the self-test is skipped")
+        from MedSapiensLandmarksLib.mrml import corrected_flags
 
         rng = np.random.default_rng(0)
-        arr = (rng.random((1, 480, 400)) * 50 + 100).astype(np.uint8)
-        volume = slicer.util.addVolumeFromArray(arr, ijkToRAS=np.diag([-0.2, -0.2, 1.0, 1.0]),
-                                                name="synthetic")
-        node = logic.core.detect(volume)
-        self.assertEqual(node.GetNumberOfControlPoints(), 19)
-        moved = np.array(node.GetNthControlPointPosition(2)) + [2.0, 0.0, 0.0]
-        node.SetNthControlPointPosition(2, *moved)
-        self.assertTrue(corrected_flags(node)[2])
-        logic.core.detect(volume, markups_node=node)
-        self.assertTrue(np.allclose(node.GetNthControlPointPosition(2), moved))
-        # a noise picture: the points are there, and the warning says it is no cephalogram
-        self.assertIn("does not look like", plausibility_warning(node))
-        rows = logic.core.measurements(volume, node)
-        self.assertTrue(len(rows) > 20 and all(r["low"] is not None for r in rows))
-        lines = logic.core.tracing(node, True)
-        self.assertTrue(lines and all(line.GetLocked() for line in lines))
-        with tempfile.TemporaryDirectory() as out:
-            case = logic.core.export(volume, node, out)
-            self.assertTrue((case / "landmarks.mrk.json").exists())
-        logic.cleanup()
+        volumes = [slicer.util.addVolumeFromArray((rng.random((1, 480, 400)) * 50 + 100).astype(np.uint8),
+                                                  ijkToRAS=np.diag([-0.2, -0.2, 1.0, 1.0]), name=name)
+                   for name in ("patientA", "patientB")]
+        p = widget._parameterNode
+        p.inputVolume = volumes[0]
+        widget.onDetect()
+        first = p.landmarks
+        self.assertEqual(first.GetNumberOfControlPoints(), 19)
+        moved = np.array(first.GetNthControlPointPosition(2)) + [2.0, 0.0, 0.0]
+        first.SetNthControlPointPosition(2, *moved)
+        self.assertTrue(corrected_flags(first)[2])
+        before = [first.GetNthControlPointPosition(i) for i in range(19)]
+        p.inputVolume = volumes[1]
+        self.assertIsNone(p.landmarks, "the second patient shows the first patient's points")
+        widget.onDetect()
+        second = p.landmarks
+        self.assertIsNot(second, first)
+        self.assertEqual([first.GetNthControlPointPosition(i) for i in range(19)], before)
+        self.assertFalse(any(corrected_flags(second)))
+        p.inputVolume = volumes[0]
+        self.assertIs(p.landmarks, first, "the first patient's points are not found again")
+        folder = p.exportFolder
+        try:
+            with tempfile.TemporaryDirectory() as out:
+                p.exportFolder = Path(out)
+                for volume in volumes:
+                    p.inputVolume = volume
+                    case = widget.panel.export(p)
+                    self.assertTrue((case / "landmarks.mrk.json").exists())
+        finally:
+            p.exportFolder = folder  # the user's remembered folder stays theirs
         logging.info("MedSapiensLandmarks test passed")

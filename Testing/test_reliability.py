@@ -53,10 +53,15 @@ def test_every_bad_input_gets_one_error_and_the_rest_is_processed(corpus, tmp_pa
 
 def test_dicom_spacing_tags_are_used(corpus):
     paths = {entry.name: path for entry, path in corpus}
-    assert read_image(paths["spacing.dcm"]).spacing == pytest.approx((0.25, 0.2))  # row\col order
+    pixel = read_image(paths["spacing.dcm"])
+    assert pixel.spacing == pytest.approx((0.25, 0.2))  # row\col order
+    assert pixel.spacing_source == "DICOM Pixel Spacing (0028,0030)"
     imager = read_image(paths["imager-spacing.dcm"])  # detector plane / magnification 1.1
     assert imager.spacing == pytest.approx((0.15 / 1.1, 0.15 / 1.1)) and imager.spacing_known
-    assert not read_image(paths["no-spacing.dcm"]).spacing_known
+    assert imager.spacing_source == ("DICOM Imager Pixel Spacing (0018,1164) / Estimated Radiographic "
+                                     "Magnification Factor 1.1 (0018,1114)")
+    none = read_image(paths["no-spacing.dcm"])
+    assert not none.spacing_known and none.spacing_source.startswith("none in the DICOM file")
 
 
 def test_huge_image_is_refused_from_its_header(corpus):

@@ -1,5 +1,6 @@
 """The module logic against real Slicer MRML (slicer-core): detect, correct, re-detect, export."""
 import json
+import os
 import sys
 import time
 
@@ -197,11 +198,29 @@ def test_finetune_can_be_cancelled(tmp_path):
         lm = Landmarks([f"P{k}" for k in range(19)], ["p"] * 19, xy, img.to_lps(xy), np.ones(19))
         export_case(tmp_path / "cases", f"c{i}", img, lm, [True] * 19)
     job = FinetuneJob(tmp_path / "cases", tmp_path / "model", coarse_epochs=50)
+    deadline = time.time() + 120
+    while not any('"epoch"' in line for line in job.lines) and time.time() < deadline:
+        time.sleep(0.2)  # training has started: the job's process holds torch and the cases
+    assert job.running and job.epochs_done >= 1, "\n".join(job.lines[-10:])
     job.cancel()
     result = job.wait(timeout=60)
     assert result["returncode"] != 0 and result["model"] is None and not result["accepted"]
-    assert result["status"] == "cancelled"
+    assert not _group_alive(job.proc.pid)  # no process of the job survives
     assert not (tmp_path / "model" / "model.json").exists()
+
+
+def _group_alive(pgid: int, grace: float = 5.0) -> bool:
+    """Does any process of the group live ``grace`` seconds on (killed ones are reaped by init)?"""
+    if sys.platform == "win32":
+        return False
+    deadline = time.time() + grace
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 LAUNCHER = """#!/bin/sh
@@ -238,6 +257,34 @@ def test_cancel_stops_the_launcher_and_the_interpreter_it_started(tmp_path):
     job.cancel(timeout=10)
     assert not _alive(job.proc.pid) and not _alive(child)
     assert not job.running  # the pipe the child held is closed: the reader thread ended
+    assert job.result()["status"] == "cancelled"
+
+
+STUBBORN = """#!/bin/sh
+trap '' TERM
+"{python}" -c 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print("started", flush=True); time.sleep(600)'
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
+def test_cancel_from_a_gui_never_blocks_on_a_tree_that_ignores_term(tmp_path):
+    from MedSapiensLandmarksLib.logic import FinetuneJob
+
+    launcher = tmp_path / "PythonSlicer"
+    launcher.write_text(STUBBORN.format(python=sys.executable))
+    launcher.chmod(0o755)
+    job = FinetuneJob(tmp_path / "cases", tmp_path / "model", python=str(launcher))
+    deadline = time.time() + 30
+    while not job.lines and time.time() < deadline:
+        time.sleep(0.05)
+    start = time.time()
+    job.cancel(timeout=3, wait=False)  # TERM is ignored: only the KILL after 3 s ends it
+    returned = time.time() - start
+    assert job.running  # still there: cancel did not wait for it
+    while job.running and time.time() < start + 30:
+        time.sleep(0.1)
+    assert returned < 1.0 <= time.time() - start  # returned at once; the tree took the KILL
+    assert not job.running and not _group_alive(job.proc.pid)
     assert job.result()["status"] == "cancelled"
 
 

@@ -87,7 +87,7 @@ def test_detect_drag_export_finetune_in_a_real_browser(server, ceph_dir, tmp_pat
         assert "not a readable image" in page.inner_text("#error")
         page.fill("#spacing", "0.1")
         page.set_input_files("input[type=file]", str(ceph_dir / "images" / "151.jpg"))
-        page.wait_for_function("document.querySelector('#status').innerText.includes('0.100 mm/pixel')")
+        page.wait_for_function("document.querySelector('#status').innerText.includes('0.1 mm/pixel (from user)')")
         page.click("#detect")
         page.wait_for_function("document.querySelectorAll('#landmarks tbody tr').length == 19")
         page.wait_for_function("document.querySelectorAll('#measurements tbody tr').length > 20")

@@ -17,13 +17,19 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp_path)
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; use the usual mode
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a written file to disk. The handle is opened for writing ("r+b"): on Windows
+    ``os.fsync`` is ``FlushFileBuffers``, which refuses a read-only handle."""
+    with open(path, "r+b") as f:
+        os.fsync(f.fileno())
 
 
 def _umask() -> int:

@@ -87,8 +87,15 @@ def graph_paths(card: dict[str, Any], card_path: Path) -> dict[str, Path]:
     return paths
 
 
-def backend_kind(model: str | Path) -> str:
-    """"onnx" when ``model`` runs on ONNX Runtime (a format-2 card), else "torch" (decides which
-    packages Slicer must install before Detect); reads only the card."""
+def default_backend(onnx_card: bool, device: str | None) -> str:
+    """The backend `loading.load_model` picks when none is asked for: ONNX Runtime for a
+    format-2 card on the CPU, torch for anything else (format 1, a GPU device)."""
+    return "onnx" if onnx_card and device in (None, "cpu") else "torch"
+
+
+def backend_kind(model: str | Path, device: str | None = None) -> str:
+    """"onnx" or "torch": what ``model`` on ``device`` will load (decides which packages
+    Slicer must install before Detect); reads only the card."""
     path = resolve(model)
-    return "onnx" if path.suffix != ".pth" and read_card(path)["format"] == CARD_FORMAT_ONNX else "torch"
+    onnx_card = path.suffix != ".pth" and read_card(path)["format"] == CARD_FORMAT_ONNX
+    return default_backend(onnx_card, device)

@@ -232,6 +232,7 @@ def analyse(xy: np.ndarray, spacing: Sequence[float] | None, probability: np.nda
     calibrated confidences, their error model and a pixel spacing) and whether the class is
     uncertain."""
     values = measure_all(xy, spacing, names)
+    absent = {n for n, p in zip(names, np.asarray(xy, float)) if not np.isfinite(p).all()}
     spread = None
     if probability is not None and error_model and spacing is not None:
         spread = measure_all(sample_positions(xy, probability, spacing, error_model), spacing, names)
@@ -242,7 +243,7 @@ def analyse(xy: np.ndarray, spacing: Sequence[float] | None, probability: np.nda
             "key": m.key, "analysis": m.analysis, "measurement": m.name, "value": v, "unit": m.unit,
             "norm": m.norm, "class": classify(m, v), "definition": m.definition, "source": m.source,
             "deviation_sd": (v - m.mean) / m.sd if m.sd else None, "low": None, "high": None,
-            "uncertain": False, "note": _note(m, v, spacing)}
+            "uncertain": False, "note": _note(m, v, spacing, absent)}
         if spread is not None and not np.isnan(v):
             lo, hi = np.percentile(spread[m.key], INTERVAL)
             row.update(low=float(lo), high=float(hi),
@@ -252,10 +253,21 @@ def analyse(xy: np.ndarray, spacing: Sequence[float] | None, probability: np.nda
     return rows
 
 
-def _note(m: Measurement, value: float, spacing: Sequence[float] | None) -> str:
+def _note(m: Measurement, value: float, spacing: Sequence[float] | None, absent: set[str] = frozenset()) -> str:
     if not np.isnan(value):
         return ""
+    missing = [p for p in _landmarks_of(m) if p in absent]
+    if missing:
+        return f"undefined: {', '.join(missing)} marked missing"
     return "needs pixel spacing" if spacing is None and m.unit == "mm" else "undefined: two of its points coincide"
+
+
+def _landmarks_of(m: Measurement) -> list[str]:
+    """The landmarks a measurement needs (through the measurements it combines)."""
+    if m.op != "combine":
+        return list(m.points)
+    by_key = {other.key: other for other in MEASUREMENTS}
+    return list(dict.fromkeys(p for term in m.points for p in _landmarks_of(by_key[term[1:]])))
 
 
 def analyse_landmarks(image: Radiograph, lm: Landmarks, corrected: Sequence[bool] | None = None

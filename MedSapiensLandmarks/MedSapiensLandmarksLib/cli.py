@@ -218,6 +218,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .detector import Detector
     from .export import read_cases
     from .landmarks import CEPH_19, HAND_37, numbered
+    from .markups import write_text
     from .training import RECIPES, TrainConfig, fit, mean_radial_error, recipe
 
     if bool(args.csv) == bool(args.cases):
@@ -272,7 +273,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         after = mean_radial_error(Detector.load(path, device="cpu", backend="torch"), val)
         report = {"val_cases": len(val), "mre_before_mm": before, "mre_after_mm": after,
                   "accepted": after <= before}
-        (Path(args.output) / "finetune.json").write_text(json.dumps(report, indent=2) + "\n")
+    elif init is not None:  # why the new model could not be compared with the old one
+        reason = (f"the cases have {len(names)} landmarks and the model {len(init.names)}: "
+                  f"the two cannot be compared" if not same else
+                  f"{len(cases)} case(s) are too few to hold one back for a check (export at least 2)")
+        report = {"val_cases": len(val), "validated": False, "reason": reason}
+    if init is not None:
+        write_text(Path(args.output) / "finetune.json", json.dumps(report, indent=2) + "\n")
         print("finetune: " + json.dumps(report))
     return 0
 

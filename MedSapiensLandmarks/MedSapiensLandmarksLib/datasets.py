@@ -40,7 +40,8 @@ def read_landmark_csv(csv_path: str | Path, image_dir: str | Path | None = None,
     cases = []
     for line, row in enumerate(rows[1:], start=2):
         try:
-            coords = np.array([float(row[i]) for i in coord_cols]).reshape(-1, 2)
+            coords = np.array([float(row[i]) if row[i].strip() else np.nan  # empty: marked missing
+                               for i in coord_cols]).reshape(-1, 2)
         except (ValueError, IndexError) as err:
             raise ValueError(f"{csv_path}:{line}: bad coordinate row ({err})") from None
         split = row[split_col] if split_col is not None else ""

@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import fsync_file
 from .datasets import Case
 from .imageio import Radiograph, read_image
 from .landmarks import Landmarks
@@ -141,8 +142,7 @@ def export_case(root: str | Path, case_id: str, image: Radiograph, lm: Landmarks
         if extra is not None:
             extra(tmp)
         for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_file(f)
         if final.exists():
             n = 1
             while (cases_dir / f"{case_id}.previous-{n}").exists():
@@ -210,14 +210,15 @@ def write_derived(root: Path, index: dict[str, Any]) -> None:
     for n, (entry, image, xy) in enumerate(_records(root, index), start=1):
         h, w = image.shape
         images.append({"id": n, "file_name": entry["image"], "width": w, "height": h})
-        x0, y0 = xy.min(0)
-        x1, y1 = xy.max(0)
-        kps = [v for p in xy for v in (float(p[0]), float(p[1]), 2)]
+        present = np.isfinite(xy).all(1)  # COCO: a point marked missing is (0, 0, visibility 0)
+        x0, y0 = xy[present].min(0) if present.any() else (0.0, 0.0)
+        x1, y1 = xy[present].max(0) if present.any() else (0.0, 0.0)
+        kps = [v for p, ok in zip(xy, present) for v in ((float(p[0]), float(p[1]), 2) if ok else (0.0, 0.0, 0))]
         annotations.append({"id": n, "image_id": n, "category_id": 1, "iscrowd": 0,
-                            "keypoints": kps, "num_keypoints": len(xy),
+                            "keypoints": kps, "num_keypoints": int(present.sum()),
                             "bbox": [0.0, 0.0, float(w), float(h)], "area": float(w * h),
                             "landmark_bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]})
-        rows.append([entry["image"], *(f"{v:.3f}" for v in xy.ravel())])
+        rows.append([entry["image"], *(f"{v:.3f}" if np.isfinite(v) else "" for v in xy.ravel())])
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow(["image_path"] + [f"{i}_{a}" for i in range(1, len(names) + 1) for a in ("x", "y")])

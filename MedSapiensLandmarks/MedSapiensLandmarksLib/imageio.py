@@ -35,6 +35,7 @@ class Radiograph:
     pixel_to_lps: np.ndarray  # (3, 3): LPS = A @ [x, y, 1]
     spacing_known: bool
     path: str = ""
+    spacing_source: str = ""  # where the spacing came from ("file header", "DICOM Pixel Spacing", "user"...)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -53,8 +54,12 @@ class Radiograph:
     def to_pixels(self, lps: np.ndarray) -> np.ndarray:
         """Inverse of `to_lps` for points on the image plane (least squares off-plane)."""
         a = self.pixel_to_lps
-        sol, *_ = np.linalg.lstsq(a[:, :2], (np.asarray(lps, float) - a[:, 2]).T, rcond=None)
-        return sol.T
+        lps = np.asarray(lps, float).reshape(-1, 3)
+        out = np.full((len(lps), 2), np.nan)
+        ok = np.isfinite(lps).all(1)  # NaN rows: points marked missing stay missing
+        sol, *_ = np.linalg.lstsq(a[:, :2], (lps[ok] - a[:, 2]).T, rcond=None)
+        out[ok] = sol.T
+        return out
 
     def with_spacing(self, spacing: float | tuple[float, float]) -> "Radiograph":
         """Same image with the in-plane pixel size replaced (directions kept)."""
@@ -64,7 +69,7 @@ class Radiograph:
         a = self.pixel_to_lps.copy()
         a[:, 0] *= sx / np.linalg.norm(a[:, 0])
         a[:, 1] *= sy / np.linalg.norm(a[:, 1])
-        return Radiograph(self.pixels, a, True, self.path)
+        return Radiograph(self.pixels, a, True, self.path, "user")
 
 
 def read_image(path: str | Path, spacing: float | None = None, slice_index: int | None = None,
@@ -89,9 +94,12 @@ def read_image(path: str | Path, spacing: float | None = None, slice_index: int 
     dim = img.GetDimension()
     sp, org = np.array(img.GetSpacing(), float), np.array(img.GetOrigin(), float)
     spacing_known = io is None and path.suffix.lower() not in PLAIN_FORMATS
+    source = "file header" if spacing_known else f"none in the {(io or path.suffix[1:]).removesuffix('ImageIO').upper()} file"
     dicom = reader.HasMetaDataKey("0008|0016") or reader.HasMetaDataKey("0002|0010")  # SOP class, syntax
-    if dicom and not reader.HasMetaDataKey(PIXEL_SPACING):
-        sp[:2], spacing_known = _imager_spacing(reader, sp[:2])
+    if dicom and reader.HasMetaDataKey(PIXEL_SPACING):
+        source = "DICOM Pixel Spacing (0028,0030)"
+    elif dicom:
+        sp[:2], spacing_known, source = _imager_spacing(reader, sp[:2])
     dirm = np.array(img.GetDirection(), float).reshape(dim, dim)
     if dim == 2:
         a = np.zeros((3, 3))
@@ -104,7 +112,7 @@ def read_image(path: str | Path, spacing: float | None = None, slice_index: int 
         raise ImageError(f"{path}: {arr.shape[2]}-component pixels are not supported")
     if min(arr.shape[:2]) < 8:
         raise ImageError(f"{path}: image of {arr.shape[1]}x{arr.shape[0]} pixels is too small")
-    rad = Radiograph(arr, a, spacing_known, str(path))
+    rad = Radiograph(arr, a, spacing_known, str(path), source)
     return rad.with_spacing(spacing) if spacing is not None else rad
 
 
@@ -148,17 +156,21 @@ def _ends(path: Path, n: int = 1024) -> tuple[bytes, bytes]:
         return head, f.read()
 
 
-def _imager_spacing(reader: sitk.ImageFileReader, default: np.ndarray) -> tuple[np.ndarray, bool]:
+def _imager_spacing(reader: sitk.ImageFileReader, default: np.ndarray) -> tuple[np.ndarray, bool, str]:
     """DICOM without Pixel Spacing: Imager Pixel Spacing (detector plane, row\\column order)
-    divided by the Estimated Radiographic Magnification Factor when given; else unknown."""
+    divided by the Estimated Radiographic Magnification Factor when given; else unknown.
+    Returns the spacing, whether it is known, and its source."""
     if not reader.HasMetaDataKey(IMAGER_PIXEL_SPACING):
-        return default, False
+        return default, False, "none in the DICOM file (no Pixel Spacing, no Imager Pixel Spacing)"
     try:
         row, col = (float(v) for v in reader.GetMetaData(IMAGER_PIXEL_SPACING).split("\\")[:2])
-        mag = float(reader.GetMetaData(MAGNIFICATION)) if reader.HasMetaDataKey(MAGNIFICATION) else 1.0
+        mag = float(reader.GetMetaData(MAGNIFICATION)) if reader.HasMetaDataKey(MAGNIFICATION) else None
     except ValueError:
-        return default, False
-    return np.array([col, row]) / mag, True
+        return default, False, "none in the DICOM file (unreadable Imager Pixel Spacing)"
+    source = "DICOM Imager Pixel Spacing (0018,1164)"
+    if mag:
+        source += f" / Estimated Radiographic Magnification Factor {mag:g} (0018,1114)"
+    return np.array([col, row]) / (mag or 1.0), True, source
 
 
 def slice_volume(name: str, arr: np.ndarray, cols: np.ndarray, org: np.ndarray,

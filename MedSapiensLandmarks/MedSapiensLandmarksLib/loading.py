@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends import Backend, OnnxBackend, TorchBackend
-from .cards import CARD_FORMAT_ONNX, graph_paths, read_card, resolve
+from .cards import CARD_FORMAT_ONNX, default_backend, graph_paths, read_card, resolve
 from .errors import CheckpointError
 
 BACKENDS = ("onnx", "torch")
@@ -34,7 +34,7 @@ def load_model(model: str | Path = "default", device: str | None = None, threads
     card = read_card(path)
     onnx_card = card["format"] == CARD_FORMAT_ONNX
     if backend is None:
-        backend = "onnx" if onnx_card and device in (None, "cpu") else "torch"
+        backend = default_backend(onnx_card, device)
     if backend == "onnx":
         if not onnx_card:
             raise CheckpointError(f"{path}: a safetensors model (format 1) runs on the torch backend only")

@@ -26,6 +26,7 @@ from .mrml import (
     ATTR_MODEL,
     ATTR_PLAUSIBILITY,
     LPS_TO_RAS,
+    check_owner,
     corrected_flags,
     landmarks_to_node,
     observe_corrections,
@@ -83,7 +84,9 @@ class LandmarksLogic:
 
     def current_landmarks(self, volume_node: Any, markups_node: Any, slice_index: int | None = None,
                           axis: int = 2) -> tuple[Any, Landmarks]:
-        """The markups node as it is now (after corrections), in the volume's pixel frame."""
+        """The markups node as it is now (after corrections), in the volume's pixel frame; points
+        marked missing are NaN. Refuses a node that holds another volume's points."""
+        check_owner(markups_node, volume_node)
         image = volume_to_radiograph(volume_node, slice_index, axis)
         n = markups_node.GetNumberOfControlPoints()
         lps = positions_ras(markups_node) * LPS_TO_RAS
@@ -93,6 +96,8 @@ class LandmarksLogic:
         lm = Landmarks(names, descs, image.to_pixels(lps), lps, np.asarray(conf, float),
                        {"model": markups_node.GetAttribute(ATTR_MODEL) or "", "image": image.path,
                         "error_model": json.loads(markups_node.GetAttribute(ATTR_ERROR_MODEL) or "null")})
+        lm.meta["position_status"] = [markups_node.GetPositionStatusAsString(
+            markups_node.GetNthControlPointPositionStatus(i)) for i in range(n)]
         verdict = markups_node.GetAttribute(ATTR_PLAUSIBILITY)
         if verdict:
             lm.meta["plausibility"] = json.loads(verdict)
@@ -190,13 +195,18 @@ class FinetuneJob:
     def progress(self) -> float:
         return min(1.0, self.epochs_done / max(1, self.total))
 
-    def cancel(self, timeout: float = 10.0) -> None:
-        """Stop the whole process tree (launcher and interpreter): TERM, then KILL."""
+    def cancel(self, timeout: float = 10.0, wait: bool = True) -> None:
+        """Stop the whole process tree (launcher and interpreter): TERM, then KILL after
+        ``timeout``. With ``wait=False`` (a GUI) this returns at once; `running` turns False
+        when the tree is gone."""
         if self.proc.poll() is not None:
             return
         self.cancelled = True
-        stop_tree(self.proc, timeout)
-        self._reader.join(timeout=timeout)
+        stopper = threading.Thread(target=stop_tree, args=(self.proc, timeout), daemon=True)
+        stopper.start()
+        if wait:
+            stopper.join()
+            self._reader.join(timeout=timeout)
 
     def wait(self, timeout: float | None = None) -> dict[str, Any]:
         self.proc.wait(timeout=timeout)
@@ -205,7 +215,7 @@ class FinetuneJob:
 
     def result(self) -> dict[str, Any]:
         """Outcome: ``status`` is "cancelled", "failed", "accepted", "rejected" (worse on the
-        held-back cases) or "unvalidated" (too few cases to hold any back)."""
+        held-back cases) or "unvalidated" (no check possible; ``reason`` says why)."""
         code = self.proc.wait()
         report_path = self.out_dir / "finetune.json"
         report = json.loads(report_path.read_text()) if code == 0 and report_path.exists() else {}
@@ -213,7 +223,7 @@ class FinetuneJob:
             status = "cancelled"
         elif code != 0:
             status = "failed"
-        elif not report:
+        elif not report or report.get("validated") is False:
             status = "unvalidated"
         else:
             status = "accepted" if report.get("accepted") else "rejected"

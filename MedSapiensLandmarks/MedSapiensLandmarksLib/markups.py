@@ -25,11 +25,12 @@ def markups_dict(lm: Landmarks, name: str = "Landmarks",
                  corrected: Sequence[bool] | None = None) -> dict[str, Any]:
     """Slicer markups JSON document for one fiducial list (positions in LPS millimetres)."""
     corrected = list(corrected) if corrected is not None else [False] * len(lm)
+    status = position_status(lm)
     points = [{
         "id": str(i + 1), "label": lm.names[i], "description": describe(lm.descriptions[i], lm.confidence[i]),
-        "associatedNodeID": "", "position": [float(v) for v in lm.lps[i]],
+        "associatedNodeID": "", "position": [float(v) for v in np.nan_to_num(lm.lps[i])],
         "orientation": [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0],
-        "selected": True, "locked": False, "visibility": True, "positionStatus": "defined",
+        "selected": True, "locked": False, "visibility": True, "positionStatus": status[i],
     } for i in range(len(lm))]
     return {
         "@schema": SCHEMA_URL,
@@ -43,10 +44,19 @@ def markups_dict(lm: Landmarks, name: str = "Landmarks",
             "medsapiens": {"model": lm.meta.get("model", ""), "image": lm.meta.get("image", ""),
                            "confidence": [float(c) for c in lm.confidence],
                            "corrected": [bool(c) for c in corrected],
-                           "pixels": [[float(v) for v in p] for p in lm.xy],
+                           "pixels": [[float(v) for v in p] if np.isfinite(p).all() else None for p in lm.xy],
                            **_checks(lm)},
         }],
     }
+
+
+def position_status(lm: Landmarks) -> list[str]:
+    """Slicer's position status per point: "defined", or the clinician's "missing" (Skip
+    placement) / "undefined" (Unset position) for a point without coordinates (NaN)."""
+    given = lm.meta.get("position_status") or []
+    return [("defined" if np.isfinite(lm.lps[i]).all() else
+             given[i] if i < len(given) and given[i] in ("missing", "undefined") else "missing")
+            for i in range(len(lm))]
 
 
 def _checks(lm: Landmarks) -> dict[str, Any]:
@@ -88,14 +98,19 @@ def write_csv(path: str | Path, lm: Landmarks) -> Path:
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow(["name", "description", "x_px", "y_px", "L_mm", "P_mm", "S_mm", "confidence"])
-    for i in range(len(lm)):
-        w.writerow([lm.names[i], lm.descriptions[i], f"{lm.xy[i, 0]:.3f}", f"{lm.xy[i, 1]:.3f}",
-                    *(f"{v:.4f}" for v in lm.lps[i]), f"{lm.confidence[i]:.4f}"])
+    for i in range(len(lm)):  # a point marked missing has empty coordinate cells
+        w.writerow([lm.names[i], lm.descriptions[i], *(_cell(v, 3) for v in lm.xy[i]),
+                    *(_cell(v, 4) for v in lm.lps[i]), f"{lm.confidence[i]:.4f}"])
     return write_text(path, out.getvalue())
 
 
+def _cell(value: float, digits: int) -> str:
+    return f"{value:.{digits}f}" if np.isfinite(value) else ""
+
+
 def read_markups(path: str | Path) -> dict[str, Any]:
-    """Labels, LPS positions (K, 3), descriptions and our extra fields of a .mrk.json file."""
+    """Labels, LPS positions (K, 3; NaN where the position status is not "defined"), position
+    statuses, descriptions and our extra fields of a .mrk.json file."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -106,6 +121,8 @@ def read_markups(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not a readable Slicer markups file ({err})") from None
     if mk.get("coordinateSystem", "LPS") == "RAS":
         pos = pos * [-1, -1, 1]
-    return {"labels": [p.get("label", "") for p in points], "lps": pos,
+    status = [p.get("positionStatus", "defined") for p in points]
+    pos[[s != "defined" for s in status]] = np.nan
+    return {"labels": [p.get("label", "") for p in points], "lps": pos, "status": status,
             "descriptions": [p.get("description", "") for p in points],
             "extra": mk.get("medsapiens", {})}

@@ -17,7 +17,7 @@ import numpy as np
 import slicer
 import vtk
 
-from .imageio import Radiograph, slice_volume
+from .imageio import PLAIN_FORMATS, Radiograph, slice_volume
 from .landmarks import Landmarks
 from .markups import LOW_CONFIDENCE, describe
 
@@ -25,7 +25,8 @@ ATTR_DETECTED = "MedSapiens.DetectedRAS"
 ATTR_CORRECTED = "MedSapiens.Corrected"
 ATTR_CONFIDENCE = "MedSapiens.Confidence"
 ATTR_MODEL = "MedSapiens.Model"
-ATTR_VOLUME = "MedSapiens.VolumeID"
+VOLUME_ROLE = "MedSapiensVolume"  # node reference: the volume whose points a markups node holds
+ATTR_SPACING = "MedSapiens.Spacing"  # on a volume: JSON {"known": bool, "source": str}
 ATTR_ERROR_MODEL = "MedSapiens.ErrorModel"  # JSON when confidences are calibrated probabilities
 ATTR_PLAUSIBILITY = "MedSapiens.Plausibility"  # the image-level verdict (JSON), when the model has one
 ATTR_TRACING = "MedSapiens.TracingLines"  # JSON {line name: line node ID}
@@ -49,12 +50,118 @@ def volume_to_radiograph(volume_node: Any, slice_index: int | None = None, axis:
     m = ijk_to_ras(volume_node)
     cols, org = m[:3, :3] * LPS_TO_RAS[:, None], m[:3, 3] * LPS_TO_RAS
     pixels, a = slice_volume(volume_node.GetName(), np.array(arr), cols, org, slice_index, axis)
-    return Radiograph(pixels, a, True, volume_node.GetName())
+    spacing = volume_spacing(volume_node)
+    return Radiograph(pixels, a, spacing["known"], volume_node.GetName(), spacing["source"])
+
+
+def volume_spacing(volume_node: Any) -> dict[str, Any]:
+    """The volume's pixel spacing and where it came from: ``known``, ``mm`` (x, y) and ``source``.
+
+    Slicer gives every PNG/JPEG/BMP/TIFF 1 mm/pixel: the spacing of a volume read from such a
+    file is unknown until the user types it or calibrates it on a ruler (`set_volume_spacing`).
+    """
+    mm = tuple(float(v) for v in volume_node.GetSpacing()[:2])
+    stated = volume_node.GetAttribute(ATTR_SPACING)
+    if stated:
+        return {"mm": mm, **json.loads(stated)}
+    storage = volume_node.GetStorageNode()
+    name = storage.GetFileName() if storage is not None else None
+    if name and any(str(name).lower().endswith(ext) for ext in PLAIN_FORMATS):
+        return {"mm": mm, "known": False, "source": f"none in the {name.rsplit('.', 1)[-1].upper()} file"}
+    if volume_node.GetAttribute("DICOM.instanceUIDs"):
+        return {"mm": mm, "known": True, "source": "DICOM (as loaded by Slicer)"}
+    return {"mm": mm, "known": True, "source": "file header" if name else "scene"}
+
+
+def spacing_text(volume_node: Any) -> str:
+    """One line for the panel: the spacing with its source, or why millimetres are not shown."""
+    s = volume_spacing(volume_node)
+    if not s["known"]:
+        return f"Pixel spacing unknown ({s['source']}): type it or calibrate on the ruler; no mm values until then"
+    sx, sy = s["mm"]
+    value = f"{sx:.4g} mm/pixel" if abs(sx - sy) <= 1e-6 * max(sx, sy) else f"{sx:.4g} x {sy:.4g} mm/pixel"
+    return f"{value} (from {s['source']})"
+
+
+def set_volume_spacing(scene: Any, volume_node: Any, mm: float, source: str = "user") -> None:
+    """Give the volume an isotropic in-plane spacing of ``mm`` (its origin and directions kept),
+    and move the points of its landmark list with the pixels they sit on (not corrections)."""
+    if not np.isfinite(mm) or mm <= 0:
+        raise ValueError(f"pixel spacing must be a positive number of mm, got {mm}")
+    node = volume_landmarks(scene, volume_node)
+    before = ijk_to_ras(volume_node)
+    old = volume_node.GetSpacing()
+    volume_node.SetSpacing(mm, mm, old[2])
+    after = ijk_to_ras(volume_node)
+    volume_node.SetAttribute(ATTR_SPACING, json.dumps({"known": True, "source": source}))
+    if node is None or node.GetNumberOfControlPoints() == 0:
+        return
+    move = after @ np.linalg.inv(before)
+
+    def moved(ras: np.ndarray) -> np.ndarray:
+        return (np.c_[ras, np.ones(len(ras))] @ move.T)[:, :3]
+
+    was = node.StartModify()
+    present = defined(node)
+    for i, p in enumerate(moved(np.array([node.GetNthControlPointPosition(i)
+                                          for i in range(node.GetNumberOfControlPoints())]))):
+        if present[i]:  # a missing or unset point keeps its status
+            node.SetNthControlPointPosition(i, *p)
+    detected = node.GetAttribute(ATTR_DETECTED)
+    if detected:
+        node.SetAttribute(ATTR_DETECTED, json.dumps(moved(np.array(json.loads(detected))).round(6).tolist()))
+    node.EndModify(was)
+
+
+def ruler_spacing(volume_node: Any, ras_a: Any, ras_b: Any, distance_mm: float) -> float:
+    """mm per pixel from two points placed on the radiograph's ruler ``distance_mm`` apart."""
+    if not np.isfinite(distance_mm) or distance_mm <= 0:
+        raise ValueError(f"ruler distance must be a positive number of mm, got {distance_mm}")
+    inv = np.linalg.inv(ijk_to_ras(volume_node))
+    ijk = [(inv @ [*map(float, p), 1.0])[:2] for p in (ras_a, ras_b)]
+    pixels = float(np.linalg.norm(ijk[0] - ijk[1]))
+    if pixels < 1.0:
+        raise ValueError("the two ruler points are less than one pixel apart")
+    return distance_mm / pixels
+
+
+def owner_volume(node: Any) -> Any | None:
+    """The volume whose points a landmark list holds (None: not bound to a volume)."""
+    return node.GetNodeReference(VOLUME_ROLE) if node is not None else None
+
+
+def check_owner(node: Any, volume_node: Any) -> None:
+    """Refuse to mix patients: a landmark list bound to another volume is never read or written
+    as this volume's points."""
+    owner = owner_volume(node)
+    if volume_node is not None and owner is not None and owner is not volume_node:
+        raise ValueError(f"landmark list {node.GetName()!r} holds the points of {owner.GetName()!r}, "
+                         f"not of {volume_node.GetName()!r}")
+
+
+def volume_landmarks(scene: Any, volume_node: Any) -> Any | None:
+    """The landmark list of this volume (the one Detect wrote for it), if any."""
+    if volume_node is None:
+        return None
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLMarkupsFiducialNode")
+        if owner_volume(node) is volume_node:
+            return node
+    return None
+
+
+def defined(node: Any) -> list[bool]:
+    """Per point: is its position defined (not marked missing or unset by the clinician)?"""
+    return [node.GetNthControlPointPositionStatus(i) == node.PositionDefined
+            for i in range(node.GetNumberOfControlPoints())]
 
 
 def positions_ras(node: Any) -> np.ndarray:
+    """(K, 3) RAS positions; NaN rows for points marked missing or whose position is unset."""
     n = node.GetNumberOfControlPoints()
-    return np.array([node.GetNthControlPointPosition(i) for i in range(n)]).reshape(n, 3)
+    ras = np.array([node.GetNthControlPointPosition(i) for i in range(n)], dtype=np.float64).reshape(n, 3)
+    ras[~np.array(defined(node), dtype=bool).reshape(n)] = np.nan
+    return ras
 
 
 def corrected_flags(node: Any) -> list[bool]:
@@ -90,7 +197,7 @@ def record_corrections(node: Any, tolerance_mm: float = 1e-4) -> list[int]:
     if len(ref) != len(now):
         return []
     flags = corrected_flags(node)
-    moved = np.linalg.norm(now - ref, axis=1) > tolerance_mm
+    moved = ~np.isfinite(now).all(1) | (np.linalg.norm(np.nan_to_num(now - ref), axis=1) > tolerance_mm)
     new = [i for i in np.flatnonzero(moved) if not flags[i]]
     if new:
         _set_corrected(node, [f or bool(m) for f, m in zip(flags, moved)])
@@ -106,9 +213,11 @@ def landmarks_to_node(scene: Any, lm: Landmarks, node: Any | None = None, name: 
                       volume_node: Any | None = None) -> Any:
     """Create or update a fixed-size fiducial list, one named point per landmark.
 
-    Corrected and locked points keep their position; the others move to the new detection.
-    Low-confidence points are left unselected, so they show in the warning colour.
+    Corrected, locked and missing points keep their position; the others move to the new
+    detection. Low-confidence points are left unselected, so they show in the warning colour.
+    A node that holds another volume's points is refused.
     """
+    check_owner(node, volume_node)
     if node is None:
         node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
         node.CreateDefaultDisplayNodes()
@@ -123,7 +232,8 @@ def landmarks_to_node(scene: Any, lm: Landmarks, node: Any | None = None, name: 
         for i in range(k):
             node.AddControlPoint(vtk.vtkVector3d(*ras[i]), lm.names[i])
     flags = corrected_flags(node)
-    keep = [flags[i] or node.GetNthControlPointLocked(i) for i in range(k)]
+    present = defined(node)
+    keep = [flags[i] or node.GetNthControlPointLocked(i) or not present[i] for i in range(k)]
     was = node.StartModify()
     for i in range(k):
         if not keep[i]:
@@ -133,7 +243,7 @@ def landmarks_to_node(scene: Any, lm: Landmarks, node: Any | None = None, name: 
         node.SetNthControlPointSelected(i, bool(lm.confidence[i] >= LOW_CONFIDENCE))
     _set_corrected(node, flags)
     node.SetFixedNumberOfControlPoints(True)
-    node.SetAttribute(ATTR_DETECTED, json.dumps(positions_ras(node).round(6).tolist()))
+    node.SetAttribute(ATTR_DETECTED, json.dumps(np.nan_to_num(positions_ras(node)).round(6).tolist()))
     node.SetAttribute(ATTR_CONFIDENCE, json.dumps([round(float(c), 4) for c in lm.confidence]))
     node.SetAttribute(ATTR_MODEL, str(lm.meta.get("model", "")))
     node.SetAttribute(ATTR_ERROR_MODEL, json.dumps(lm.meta.get("error_model")))
@@ -142,7 +252,7 @@ def landmarks_to_node(scene: Any, lm: Landmarks, node: Any | None = None, name: 
     else:
         node.RemoveAttribute(ATTR_PLAUSIBILITY)
     if volume_node is not None:
-        node.SetAttribute(ATTR_VOLUME, volume_node.GetID())
+        node.SetNodeReferenceID(VOLUME_ROLE, volume_node.GetID())
     node.EndModify(was)
     display = node.GetDisplayNode()
     if display is not None:
@@ -161,11 +271,13 @@ def first_radiograph_volume(scene: Any) -> Any | None:
 
 
 def table_rows(node: Any) -> list[dict[str, Any]]:
-    """Rows for the landmark table, least confident first: index, name, confidence, corrected."""
+    """Rows for the landmark table, least confident first: index, name, confidence, corrected,
+    missing (marked missing or unset by the clinician)."""
     conf = json.loads(node.GetAttribute(ATTR_CONFIDENCE) or "[]")
-    flags = corrected_flags(node)
+    flags, present = corrected_flags(node), defined(node)
     rows = [{"index": i, "name": node.GetNthControlPointLabel(i),
-             "confidence": conf[i] if i < len(conf) else float("nan"), "corrected": flags[i]}
+             "confidence": conf[i] if i < len(conf) else float("nan"), "corrected": flags[i],
+             "missing": not present[i]}
             for i in range(node.GetNumberOfControlPoints())]
     return sorted(rows, key=lambda r: (r["confidence"], r["index"]))
 

@@ -99,12 +99,20 @@ def encode_heatmaps(xy: torch.Tensor, hm_wh: tuple[int, int], sigma: float) -> t
     return torch.exp(-(dy2[..., :, None] + dx2[..., None, :]) / (2 * sigma ** 2))
 
 
-def softmax_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy between the spatial softmax of logits and the normalised targets."""
+def softmax_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy between the spatial softmax of logits and the normalised targets, averaged
+    over the (B, K) heatmaps of nonzero ``weight`` (points marked missing weigh 0)."""
     b, k = logits.shape[:2]
     t = target.reshape(b, k, -1)
     t = t / t.sum(-1, keepdim=True).clamp_min(1e-12)
-    return -(t * F.log_softmax(logits.reshape(b, k, -1), -1)).sum(-1).mean()
+    ce = -(t * F.log_softmax(logits.reshape(b, k, -1), -1)).sum(-1)
+    return ce.mean() if weight is None else (ce * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def masked_mse(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """mmpose's heatmap MSE over the (B, K) heatmaps of nonzero ``weight``."""
+    per = ((out - target) ** 2).flatten(2).mean(-1)
+    return (per * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 class _Photometric:
@@ -201,15 +209,16 @@ class PatchSet(torch.utils.data.Dataset):
         self.cases, self.grays, self.augment = cases, grays, augment
         self.spec, self.coarse_spec, self.jitter = spec, coarse_spec, cfg.refine_jitter
         self.patch_scale = cfg.patch_scale
-        self.k = len(cases[0].xy)
+        self.pairs = [(c, k) for c, case in enumerate(cases) for k in range(len(case.xy))
+                      if np.isfinite(case.xy[k]).all()]  # no patch for a point marked missing
         self.photo = _Photometric()
         self.rng = np.random.default_rng(cfg.seed)
 
     def __len__(self) -> int:
-        return len(self.cases) * self.k
+        return len(self.pairs)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        c, k = divmod(i, self.k)
+        c, k = self.pairs[i]
         case, gray = self.cases[c], self.grays[c]
         ph, pw = self.spec["size"]
         sh = image_box(gray.shape, self.coarse_spec).sh * self.spec["box_fraction"]
@@ -263,12 +272,14 @@ def run_stage(name: str, net: LandmarkNet, data: torch.utils.data.Dataset, in_wh
         t0, losses = time.time(), []
         for batch in loader:
             x, kp = batch[0], batch[1]
-            target, _ = _targets(net, kp, in_wh, cfg.sigma)
+            weight = torch.isfinite(kp).all(-1).float()  # (B, K): 0 for points marked missing
+            target, _ = _targets(net, torch.nan_to_num(kp), in_wh, cfg.sigma)
             out = net(x)
             if len(batch) == 3:  # patches: supervise only the patch's own landmark
                 idx = batch[2]
                 out, target = out[torch.arange(len(idx)), idx][:, None], target[:, None]
-            loss = softmax_ce(out, target) if softmax else F.mse_loss(out, target)
+                weight = weight[:, None]
+            loss = softmax_ce(out, target, weight) if softmax else masked_mse(out, target, weight)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -307,7 +318,7 @@ def mean_radial_error(det: Any, cases: Sequence[Case], images: Sequence[Any] | N
     images = images if images is not None else [read_image(c.image, spacing=c.spacing) for c in cases]
     pred = np.stack([lm.xy for lm in det.detect_batch(images)])
     truth = np.stack([c.xy for c in cases])
-    return float(radial_errors(pred, truth, np.array([im.spacing[0] for im in images])).mean())
+    return float(np.nanmean(radial_errors(pred, truth, np.array([im.spacing[0] for im in images]))))
 
 
 def net_specs(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
@@ -411,7 +422,9 @@ def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Seque
         from .evaluation import card_entries
 
         final = Detector(card, TorchBackend(nets, "cpu", cfg.threads, channels_last=False))
-        card.update(card_entries(final, np.stack([c.xy for c in train_cases]), val_cases, hand=hand))
+        complete = [c for c in train_cases if np.isfinite(c.xy).all()]  # shapes without missing points
+        card.update(card_entries(final, np.stack([c.xy for c in complete]),
+                                 [c for c in val_cases if np.isfinite(c.xy).all()], hand=hand))
     card["training"] = {**card.get("training", {}), "config": {
         k2: (list(v) if isinstance(v, tuple) else v) for k2, v in vars(cfg).items()},
         "train_cases": [c.case_id for c in train_cases], "val_cases": [c.case_id for c in val_cases],

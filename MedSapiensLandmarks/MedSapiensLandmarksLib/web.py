@@ -7,6 +7,7 @@ session (`python -m MedSapiensLandmarksLib.web`, started by the `gateway`).
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
@@ -21,7 +22,7 @@ from .imageio import ImageError, Radiograph, read_image
 from .inputs import IMAGE_SUFFIXES
 from .logic import FinetuneJob, LandmarksLogic
 from .cephalometry import cells
-from .mrml import plausibility_warning, table_rows
+from .mrml import ATTR_SPACING, plausibility_warning, spacing_text, table_rows
 
 MAX_UPLOAD_BYTES = 200 * 1024 * 1024
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,150}$")
@@ -129,6 +130,9 @@ class LandmarksWebApp:
         self.logic.cleanup()
         self.volume = self.slicer.io_manager.load_volumes([str(volume_file)])[0]
         self.volume.SetName(Path(path).name.split(".")[0])
+        # the NRRD carries 1 mm/pixel for a file without spacing: keep saying it is unknown
+        self.volume.SetAttribute(ATTR_SPACING, json.dumps({"known": image.spacing_known,
+                                                           "source": image.spacing_source}))
         self.markups = None
         if self.volume_dir is not None:  # the previous image's converted volume
             shutil.rmtree(self.volume_dir, ignore_errors=True)
@@ -138,8 +142,7 @@ class LandmarksWebApp:
             s.can_detect, s.can_export, s.rows, s.error = True, False, [], ""
             s.warning, s.measurements = "", []
             s.case_id = self.volume.GetName()
-            s.status = f"{Path(path).name}: {image.shape[1]}x{image.shape[0]} pixels, " + (
-                f"{image.spacing[0]:.3f} mm/pixel" if image.spacing_known else "no pixel spacing (1 mm assumed)")
+            s.status = f"{Path(path).name}: {image.shape[1]}x{image.shape[0]} pixels, {spacing_text(self.volume)}"
 
     def detect(self) -> None:
         if self.volume is None:

@@ -1,0 +1,327 @@
+"""The Slicer panel: the module's parameter node under Slicer's own parameterNodeWrapper (5.6.2
+and 5.12.3 over slicer-core), and the panel controller's rules: each patient's own points,
+settings that survive Close Scene, points marked missing, honest millimetres."""
+import csv
+import json
+import os
+import unittest
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import vtk
+
+from MedSapiensLandmarksLib import atomic, cephalometry
+from MedSapiensLandmarksLib.datasets import Case, read_landmark_csv
+from MedSapiensLandmarksLib.export import read_cases
+from MedSapiensLandmarksLib.logic import LandmarksLogic
+from MedSapiensLandmarksLib.markups import read_markups
+from MedSapiensLandmarksLib.mrml import corrected_flags, volume_spacing
+from MedSapiensLandmarksLib.panel import PanelController, finetune_outcome
+from slicer_helpers import new_scene
+from slicer_reference import VERSIONS, reference_slicer
+from test_slicer_logic import ceph_as_nrrd, load_volume, pixel_to_ras
+
+
+class Settings:
+    """QSettings' interface over a dict (Qt is not here); the panel keeps choices in it."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, str] = {}
+
+    def value(self, key, default=None):
+        return self.data.get(key, default)
+
+    def setValue(self, key, value):
+        self.data[key] = value
+
+
+def rgb_volume(scene, name="colour"):
+    node = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", name)
+    image = vtk.vtkImageData()
+    image.SetDimensions(40, 30, 1)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 3)
+    node.SetAndObserveImageData(image)
+    return node
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_parameter_node_wraps_under_slicers_own_wrapper_before_and_after_close_scene(version):
+    scene = new_scene()[0]
+    with reference_slicer(version, scene) as module:
+        logic = module.MedSapiensLandmarksLogic()
+        for _ in range(2):  # a fresh scene, then the same after File > Close Scene
+            p = logic.getParameterNode()
+            assert p.inputVolume is None and p.landmarks is None and p.model == "default"
+            assert p.anatomy == "checkpoint's own"  # no blank item in the Anatomy combo
+            scalar = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "grey")
+            p.inputVolume = scalar
+            assert p.inputVolume is scalar
+            p.inputVolume = rgb_volume(scene)
+            assert p.inputVolume.GetClassName() == "vtkMRMLVectorVolumeNode"
+            p.inputVolume = None
+            assert module.MedSapiensLandmarksParameterNode(p.parameterNode).inputVolume is None
+            scene.Clear()
+
+
+def test_two_patients_keep_their_own_untouched_point_lists(ceph_dir, tmp_path):
+    scene = new_scene()[0]
+    with reference_slicer(VERSIONS[-1], scene) as module:
+        p = module.MedSapiensLandmarksLogic().getParameterNode()
+        panel = PanelController(LandmarksLogic(scene))
+        a = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path, "151"))
+        b = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path, "152"))
+        p.inputVolume = a
+        panel.sync(p)
+        first = panel.detect(p)
+        assert p.landmarks is first
+        moved = np.array(first.GetNthControlPointPosition(3)) + [3.0, 0, 0]
+        first.SetNthControlPointPosition(3, *moved)
+        assert corrected_flags(first)[3]
+        before = np.array([first.GetNthControlPointPosition(i) for i in range(19)])
+        p.inputVolume = b
+        panel.sync(p)
+        assert p.landmarks is None  # the second patient does not show the first one's points
+        assert not panel.view(p).export and panel.view(p).rows == []
+        second = panel.detect(p)
+        assert second is not first and p.landmarks is second
+        assert not any(corrected_flags(second))
+        assert np.array_equal([first.GetNthControlPointPosition(i) for i in range(19)], before)
+        assert corrected_flags(first) == [i == 3 for i in range(19)]
+        # the user picks patient A's list while B is shown: not shown, not written, not exported
+        p.landmarks = first
+        assert panel.view(p).notice.startswith(f"'{first.GetName()}' holds the points of '{a.GetName()}'")
+        assert panel.detect(p) is second
+        assert np.array_equal([first.GetNthControlPointPosition(i) for i in range(19)], before)
+        with pytest.raises(ValueError, match="holds the points of"):
+            panel.logic.export(b, first, tmp_path / "out")
+        p.inputVolume = a
+        panel.sync(p)
+        assert p.landmarks is first  # found again when its volume is picked again
+        p.exportFolder = tmp_path / "out"
+        panel.export(p)
+        p.inputVolume = b
+        panel.sync(p)
+        panel.export(p)
+        cases, _ = read_cases(tmp_path / "out")
+        exported = {c.case_id: c.xy for c in cases}
+        truth = {c.case_id: c.xy for c in read_landmark_csv(ceph_dir / "test1_senior.csv")}
+        # each case holds its own patient's detections (within 5 mm of that patient's annotation)
+        for case in ("151", "152"):
+            assert np.median(np.linalg.norm(exported[case] - truth[case], axis=1)) * 0.1 < 5.0
+
+
+def test_choices_outlive_close_scene_but_not_a_loaded_scenes_own():
+    scene = new_scene()[0]
+    settings = Settings()
+    with reference_slicer(VERSIONS[0], scene) as module:
+        logic = module.MedSapiensLandmarksLogic()
+        panel = PanelController(LandmarksLogic(scene), settings)
+        p = logic.getParameterNode()
+        panel.restore(p)
+        p.model, p.device, p.exportFolder = "/clinic/models/finetuned/model.json", "cpu", Path("/clinic/cases")
+        panel.sync(p)
+        scene.Clear()  # Close Scene: Slicer resets the parameter node
+        p = logic.getParameterNode()
+        assert p.model == "default"
+        panel.restore(p)
+        assert (p.model, p.device, str(p.exportFolder)) == ("/clinic/models/finetuned/model.json", "cpu",
+                                                            "/clinic/cases")
+        scene.Clear()
+        p = logic.getParameterNode()
+        p.model = "hand-default"  # as a loaded scene holds it
+        panel.restore(p)
+        assert p.model == "hand-default" and p.device == "cpu"
+
+
+def test_dependencies_follow_the_model_and_the_device():
+    scene = new_scene()[0]
+    with reference_slicer(VERSIONS[-1], scene) as module:
+        p = module.MedSapiensLandmarksLogic().getParameterNode()
+        panel = PanelController(LandmarksLogic(scene))
+        assert panel.dependencies(p) == "onnx"
+        p.device = "cuda"  # the torch backend: a raw "No module named 'torch'" before
+        assert panel.dependencies(p) == "torch"
+
+
+def mark_points(node, missing=(), unset=()):
+    for i in missing:
+        node.SetNthControlPointPositionMissing(i)
+    for i in unset:
+        node.UnsetNthControlPointPosition(i)
+
+
+def test_points_marked_missing_travel_through_markups_export_training_and_analyses(ceph_dir, tmp_path):
+    from MedSapiensLandmarksLib.training import PatchSet, recipe, softmax_ce
+
+    scene = new_scene()[0]
+    logic = LandmarksLogic(scene)
+    vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path, "151"))
+    node = logic.detect(vol)
+    detected = np.array([node.GetNthControlPointPosition(i) for i in range(19)])
+    mark_points(node, missing=[4], unset=[5])  # A: Skip placement; B: Unset position
+    flags = corrected_flags(node)
+    assert flags[4] and flags[5] and sum(flags) == 2  # the clinician's decisions
+    logic.detect(vol, markups_node=node)  # Detect does not re-place them
+    assert node.GetNthControlPointPositionStatus(4) == node.PositionMissing
+    assert node.GetNthControlPointPositionStatus(5) == node.PositionUndefined
+    # analyses: a measurement that needs A or B is undefined, the others have values
+    rows = {r["key"]: r for r in logic.measurements(vol, node)}
+    assert np.isnan(rows["Steiner SNA"]["value"]) and rows["Steiner SNA"]["note"] == "undefined: A marked missing"
+    assert rows["Steiner ANB"]["note"] == "undefined: A, B marked missing"
+    assert np.isfinite(rows["Steiner SN-GoGn"]["value"])
+    case = logic.export(vol, node, tmp_path / "out")
+    doc = json.loads((case / "landmarks.mrk.json").read_text())
+    status = [p["positionStatus"] for p in doc["markups"][0]["controlPoints"]]
+    assert status[4] == "missing" and status[5] == "undefined" and status.count("defined") == 17
+    back = read_markups(case / "landmarks.mrk.json")
+    assert np.isnan(back["lps"][[4, 5]]).all() and np.isfinite(np.delete(back["lps"], [4, 5], 0)).all()
+    assert np.allclose(np.delete(back["lps"], [4, 5], 0) * [-1, -1, 1], np.delete(detected, [4, 5], 0), atol=1e-3)
+    # Slicer's own reader gets the same statuses
+    reread = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLMarkupsJsonStorageNode")
+    storage.SetFileName(str(case / "landmarks.mrk.json"))
+    assert storage.ReadData(reread)
+    assert [reread.GetNthControlPointPositionStatus(i) for i in (3, 4, 5)] == [
+        reread.PositionDefined, reread.PositionMissing, reread.PositionUndefined]
+    coco = json.loads((tmp_path / "out" / "coco_keypoints.json").read_text())["annotations"][0]
+    assert coco["keypoints"][4 * 3:6 * 3] == [0.0, 0.0, 0, 0.0, 0.0, 0] and coco["num_keypoints"] == 17
+    row = list(csv.reader(open(tmp_path / "out" / "landmarks.csv")))[1]
+    assert row[1 + 8:1 + 12] == ["", "", "", ""] and all(row[1:9])
+    # training: the exported case has NaN for those points, no patch and no loss for them
+    cases, _ = read_cases(tmp_path / "out")
+    assert np.isnan(cases[0].xy[[4, 5]]).all()
+    assert np.isnan(read_landmark_csv(tmp_path / "out" / "landmarks.csv", tmp_path / "out")[0].xy[[4, 5]]).all()
+    gray = np.zeros((2400, 1935), np.uint8)
+    cfg = recipe("v2")
+    spec = {"size": list(cfg.refine_size), "box_fraction": cfg.refine_fraction, "mean": [127.5], "std": [64.0]}
+    coarse = {"size": list(cfg.coarse_size), "padding": 1.0}
+    patches = PatchSet(cases, [gray], spec, coarse, cfg, augment=False)
+    assert len(patches) == 17 and {patches[i][2] for i in range(len(patches))} == set(range(19)) - {4, 5}
+    import torch
+
+    logits = torch.randn(1, 3, 8, 8)
+    target = torch.rand(1, 3, 8, 8)
+    weight = torch.tensor([[1.0, 0.0, 1.0]])
+    # a missing point's heatmap (any target, even NaN-derived) adds nothing to the loss
+    assert torch.isclose(softmax_ce(logits, target, weight), softmax_ce(logits[:, [0, 2]], target[:, [0, 2]]))
+
+
+def jpeg_volume(scene, ceph_dir, tmp_path):
+    """A cephalogram as Slicer loads its JPEG: 1 mm/pixel, the storage node naming the .jpg
+    (slicer-core's ITK has no JPEG reader: the pixels come through an NRRD of that geometry)."""
+    node = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path, "151", spacing=(1.0, 1.0)))
+    node.GetStorageNode().SetFileName(str(ceph_dir / "images" / "151.jpg"))
+    return node
+
+
+def test_a_jpeg_has_no_millimetres_until_calibrated_on_its_ruler(ceph_dir, tmp_path):
+    scene = new_scene()[0]
+    logic = LandmarksLogic(scene)
+    panel = PanelController(logic)
+    vol = jpeg_volume(scene, ceph_dir, tmp_path)
+    assert vol.GetSpacing()[0] == 1.0 and not volume_spacing(vol)["known"]
+
+    class Params:
+        inputVolume, landmarks, sliceIndex, model, device, anatomy = vol, None, 0, "default", "auto", ""
+        exportFolder, caseId = tmp_path / "out", ""
+
+    p = Params()
+    assert panel.view(p).spacing.startswith("Pixel spacing unknown (none in the JPG file)")
+    node = panel.detect(p)
+    rows = {r["key"]: r for r in logic.measurements(vol, node)}
+    assert rows["Bjork-Jarabak S-N"]["note"] == "needs pixel spacing"  # not ~700 "mm"
+    assert rows["Steiner SNA"]["note"] == ""  # angles need no spacing
+    # the ruler: two points 300 pixels apart on the image, 30 mm on the ruler -> 0.1 mm/pixel
+    ruler = scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", "Ruler")
+    for xy in ([100.0, 200.0], [100.0, 500.0]):
+        ruler.AddControlPoint(vtk.vtkVector3d(*pixel_to_ras(vol, np.array([xy]))[0]))
+    pixels_before = logic.current_landmarks(vol, node)[1].xy
+    assert panel.calibrate(p, ruler, "30") == pytest.approx(0.1)
+    assert vol.GetSpacing()[:2] == pytest.approx((0.1, 0.1))
+    assert panel.view(p).spacing == "0.1 mm/pixel (from ruler: 30 mm over two points)"
+    # the points stay on their pixels and are not taken for corrections
+    assert np.allclose(logic.current_landmarks(vol, node)[1].xy, pixels_before, atol=1e-6)
+    assert not any(corrected_flags(node))
+    length = {r["key"]: r for r in logic.measurements(vol, node)}["Bjork-Jarabak S-N"]["value"]
+    truth = {c.case_id: c.xy for c in read_landmark_csv(ceph_dir / "test1_senior.csv")}["151"]
+    assert length == pytest.approx(np.linalg.norm(truth[0] - truth[1]) * 0.1, abs=3.0)  # S-N in mm
+    panel.set_spacing(p, "0,12")  # typed, with a decimal comma
+    assert vol.GetSpacing()[0] == pytest.approx(0.12) and panel.view(p).spacing.endswith("(from user)")
+    with pytest.raises(ValueError, match="not a number"):
+        panel.set_spacing(p, "abc")
+    with pytest.raises(ValueError, match="positive"):
+        panel.set_spacing(p, "-1")
+    assert vol.GetSpacing()[0] == pytest.approx(0.12)  # a refused value changes nothing
+
+
+def test_fsync_uses_a_handle_windows_accepts(tmp_path, monkeypatch):
+    """Windows' FlushFileBuffers refuses a read-only handle: check the mode the way it does."""
+    import fcntl
+
+    real = os.fsync
+    synced = []
+
+    def windows_fsync(fd):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(9, "Bad file descriptor (read-only handle)")
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", windows_fsync)
+    with atomic.atomic_write(tmp_path / "a.txt") as tmp:
+        tmp.write_text("x")
+    assert (tmp_path / "a.txt").read_text() == "x" and synced
+    from MedSapiensLandmarksLib.export import export_case
+    from MedSapiensLandmarksLib.imageio import Radiograph
+    from MedSapiensLandmarksLib.landmarks import Landmarks
+
+    image = Radiograph(np.full((40, 30), 100, np.uint8), np.array([[0.1, 0, 0], [0, 0.1, 0], [0, 0, 0.0]]), True)
+    xy = np.array([[10.0, 12.0], [20.0, 30.0]])
+    lm = Landmarks(["P1", "P2"], ["p", "p"], xy, image.to_lps(xy), np.ones(2))
+    case = export_case(tmp_path / "cases", "c1", image, lm, [False, True])
+    assert (case / "image.nrrd").exists() and len(synced) >= 4
+
+
+def test_unvalidated_fine_tune_names_the_real_reason():
+    kind, text = finetune_outcome({"status": "unvalidated", "log_tail": [],
+                                   "reason": "the cases have 37 landmarks and the model 19: the two cannot be compared"})
+    assert kind == "question" and "37 landmarks" in text and "export at least 2" not in text
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_self_test_builds_the_panel_and_skips_visibly_without_onnxruntime(version, monkeypatch):
+    from MedSapiensLandmarksLib import install
+
+    scene = new_scene()[0]
+    with reference_slicer(version, scene) as module:
+        selected = []
+
+        class Built(Exception):
+            pass
+
+        def select(name):
+            selected.append(name)
+            raise Built
+
+        monkeypatch.setattr(module.slicer.util, "selectModule", select)
+        test = module.MedSapiensLandmarksTest()
+        with pytest.raises(Built):
+            test.test_panel_opens()  # goes through Slicer's module path to build the widget
+        assert selected == ["MedSapiensLandmarks"]
+
+        class Widget:  # what selectModule hands over once the panel is built
+            logic = module.MedSapiensLandmarksLogic()
+
+        monkeypatch.setattr(test, "_widget", lambda: Widget)
+        monkeypatch.setattr(install, "missing_packages", lambda kind: ["onnxruntime"])
+
+        class App:
+            @staticmethod
+            def testingEnabled():
+                return True
+
+        monkeypatch.setattr(module.slicer, "app", App, raising=False)
+        with pytest.raises(unittest.SkipTest, match="onnxruntime is not installed"):
+            test.test_two_patients()
