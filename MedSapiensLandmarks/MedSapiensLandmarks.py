@@ -193,18 +193,15 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 if row["doubtful"]:
                     item.setForeground(qt.QBrush(qt.QColor("red")))
                 table.setItem(r, c, item)
-        self._showAnalysis(self.panel.shown_landmarks(self._parameterNode))
+        self._showAnalysis()
 
-    def _showAnalysis(self, node) -> None:
-        """The plausibility warning, the measurements of the current points, the tracing lines."""
+    def _showAnalysis(self) -> None:
+        """The plausibility warning and the measurements table (the controller moves the lines)."""
         from MedSapiensLandmarksLib.cephalometry import cells
-        from MedSapiensLandmarksLib.mrml import plausibility_warning
 
-        warning = plausibility_warning(node)
+        warning, rows = self.panel.analyses(self._parameterNode, self.ui.tracingCheckBox.checked)
         self.ui.warningLabel.text = f"Warning: {warning}" if warning else ""
         self.ui.warningLabel.visible = bool(warning)
-        p = self._parameterNode
-        rows = self.logic.core.measurements(p.inputVolume, node, self.panel.slice_index(p)) if node else []
         table = self.ui.measurementTable
         table.visible = self.ui.tracingCheckBox.visible = bool(rows)
         table.setRowCount(len(rows))
@@ -215,8 +212,6 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 if row["uncertain"]:
                     item.setForeground(qt.QBrush(qt.QColor("darkorange")))
                 table.setItem(r, c, item)
-        if node is not None:  # lines follow the points; without analyses they are hidden
-            self.logic.core.tracing(node, bool(rows) and self.ui.tracingCheckBox.checked)
 
     def onDetect(self) -> None:
         p = self._parameterNode
@@ -264,7 +259,7 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         from MedSapiensLandmarksLib.logic import FinetuneJob
 
         p = self._parameterNode
-        out = Path(p.exportFolder).parent / "models" / qt.QDateTime.currentDateTime().toString("yyyyMMdd-hhmmss")
+        out = self.panel.finetune_folder(p, qt.QDateTime.currentDateTime().toString("yyyyMMdd-hhmmss"))
         python = shutil.which("PythonSlicer") or os.path.join(slicer.app.slicerHome, "bin", "PythonSlicer")
         with slicer.util.tryWithErrorDisplay("Could not start fine-tuning.", waitCursor=True):
             if not self.logic.ensureDependencies("torch"):

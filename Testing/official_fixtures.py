@@ -103,7 +103,14 @@ def save_mmengine(path, state_dict, num_keypoints, config_text=""):
                                       "flip_indices": list(range(k)), "flip_pairs": [],
                                       "sigmas": np.full(k, 0.025, dtype=np.float32),
                                       "joint_weights": np.ones(k, dtype=np.float32),
-                                      "skeleton_links": [], "dtype": np.dtype(np.float32)}},
+                                      "skeleton_links": [], "dtype": np.dtype(np.float32),
+                                      # mmpose's parse_pose_metainfo for a set without a skeleton
+                                      # (every medical set): empty uint8 arrays, pickled by
+                                      # protocol 2 as a call of `bytes`
+                                      "keypoint_colors": np.zeros((k, 3), dtype=np.uint8),
+                                      "skeleton_link_colors": np.array([], dtype=np.uint8),
+                                      "dataset_keypoint_weights": np.ones(k, dtype=np.float32),
+                                      "upper_body_ids": [], "lower_body_ids": []}},
             "state_dict": state_dict,
             "message_hub": {"log_scalars": {"train/loss": HistoryBuffer([0.5, 0.4]),
                                             "train/lr": HistoryBuffer([1e-4])},

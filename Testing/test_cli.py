@@ -24,8 +24,9 @@ def truth_151(ceph_dir):
 
 
 def test_detect_writes_markups_and_overlay_near_the_annotation(tmp_path, ceph_dir, truth_151):
+    # the protocol model (trained on 001-140): ceph-default has seen the test1 images
     rc = main(["detect", str(ceph_dir / "images" / "151.jpg"), "--spacing", "0.1", "-o", str(tmp_path),
-               "--format", "mrk.json,fcsv,csv,png,analysis"])
+               "--format", "mrk.json,fcsv,csv,png,analysis", "--model", "ceph-isbi2015"])
     assert rc == 0
     doc = read_markups(tmp_path / "151.mrk.json")
     assert doc["labels"][:3] == ["S", "N", "Or"] and len(doc["labels"]) == 19
@@ -90,6 +91,7 @@ def test_evaluate_prints_mre_and_sdr(tmp_path, ceph_dir, truth_151):
     out = tmp_path / "e.json"
     proc = subprocess.run([sys.executable, "-m", "MedSapiensLandmarksLib.cli", "evaluate",
                            str(ceph_dir / "test1_senior.csv"), "--limit", "2", "--json", str(out),
+                           "--model", "ceph-isbi2015",  # unseen images: not ceph-default's training set
                            "--report", str(tmp_path / "report")],
                           capture_output=True, text=True, cwd=ROOT / "MedSapiensLandmarks", timeout=300)
     assert proc.returncode == 0, proc.stderr

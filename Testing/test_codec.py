@@ -80,8 +80,14 @@ def test_warp_outside_image_is_zero():
 
 def test_intensity_scaling_of_16_bit_images():
     raw = np.linspace(1000, 5000, 10000).reshape(100, 100)
+    raw[0, :3] = 65535  # a few hot pixels (burned-in text, dead detector elements)
     out = to_uint8_range(raw, np.dtype(np.uint16))
-    assert out.min() == 0 and out.max() == 255
+    # 0.5-99.5 percentiles: the ramp spans the range; min-max would squash it under 20 grey levels
+    lo, hi = np.percentile(raw, [0.5, 99.5])
+    assert out.min() == 0 and out.max() == 255 and out[0, :3].tolist() == [255.0] * 3
+    middle = raw[50, 50]
+    assert out[50, 50] == pytest.approx((middle - lo) * 255 / (hi - lo), abs=1e-3)
+    assert out[50, 50] > 100  # min-max scaling would give about 8
     eight = np.arange(256, dtype=np.float32).reshape(16, 16)
     assert np.array_equal(to_uint8_range(eight, np.dtype(np.uint8)), eight)
     with pytest.raises(ValueError, match="no finite"):

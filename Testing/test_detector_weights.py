@@ -1,4 +1,5 @@
 import hashlib
+import time
 
 import numpy as np
 import pytest
@@ -63,17 +64,27 @@ def test_fetch_checks_sha256_and_caches(tmp_path, monkeypatch):
         fetch("http://127.0.0.1:9/none.safetensors", "0" * 64)
 
 
-def test_bench_reports_every_stage(ceph_dir):
+def test_bench_stages_account_for_the_time_and_a_slowed_stage_shows_as_that_stage(ceph_dir, monkeypatch):
+    from MedSapiensLandmarksLib import detector
     from MedSapiensLandmarksLib.bench import bench_image
 
-    res = bench_image(ceph_dir / "images" / "151.jpg", repeat=1)
-    st = res["stages_s"]
+    image = ceph_dir / "images" / "151.jpg"
     parts = ["read", "preprocess", "forward", "decode", "refine", "write_mrk"]
-    assert all(st[p] > 0 for p in parts)
-    assert sum(st[p] for p in parts) <= st["end_to_end_mrk"] * 1.001
-    assert st["end_to_end_mrk_png"] > st["end_to_end_mrk"]
-    assert res["raw_forward_s"] > 0 and res["overhead"] == st["end_to_end_mrk"] / res["raw_forward_s"]
-    assert res["peak_rss_mb"] > 50
+    base = bench_image(image, repeat=1)["stages_s"]
+    # every lap of the pipeline is reported: the stages cover the whole end-to-end time
+    assert sum(base[p] for p in parts) == pytest.approx(base["end_to_end_mrk"], rel=0.02)
+    assert base["end_to_end_mrk_png"] > base["end_to_end_mrk"]
+    real = detector.decode_heatmaps
+
+    def slow_decode(hm):
+        time.sleep(0.4)
+        return real(hm)
+
+    monkeypatch.setattr(detector, "decode_heatmaps", slow_decode)
+    slow = bench_image(image, repeat=1)["stages_s"]
+    assert 0.35 < slow["decode"] - base["decode"] < 0.6  # the delay lands in its own stage
+    assert slow["end_to_end_mrk"] - base["end_to_end_mrk"] > 0.35
+    assert all(slow[p] - base[p] < 0.3 for p in parts if p != "decode"), (base, slow)
 
 
 def test_model_url_is_fetched_checked_and_loaded(tmp_path, monkeypatch):
@@ -137,12 +148,16 @@ def test_bench_batch_and_random_sapiens_path(ceph_dir, tmp_path):
     for n in ("151", "152", "153"):
         (tmp_path / f"{n}.jpg").symlink_to(ceph_dir / "images" / f"{n}.jpg")
     (tmp_path / "bad.png").write_text("no")
+    t0 = time.perf_counter()
     res = bench_batch(tmp_path, count=4, workers=1)
+    wall = time.perf_counter() - t0
     assert res["images"] == 4 and res["failures"] == 1
+    # the timed part is the batch itself: inside the stopwatch around the whole call (which also
+    # loads the model), and most of it (loading the ONNX model takes well under half)
+    assert 0.5 * wall < res["seconds"] < wall
     from MedSapiensLandmarksLib.bench import markdown
     text = markdown({"batch": res}, "bench x")
     assert text.startswith("### bench run ") and "4 images" in text and "`bench x`" in text
-    assert res["images_per_s"] == pytest.approx(4 / res["seconds"])
     det = sapiens_random("sapiens_tiny")
     assert det.card["coarse"]["input"]["size"] == [1024, 768] and det.nets["coarse"].heatmap_stride == 4
     res = bench_image(ceph_dir / "images" / "151.jpg", repeat=1, det=det)

@@ -24,7 +24,7 @@ BLOCK = textwrap.dedent("""
 """) % (str(ROOT / "MedSapiensLandmarks"), str(ROOT / "Testing"))
 LIGHT = ["analysis", "atomic", "backends", "batch", "bench", "calibration", "cards", "cli", "codec", "datasets",
          "detector", "errors", "evaluation", "export", "gateway", "imageio", "inputs", "install", "landmarks",
-         "loading", "logic", "markups", "metrics", "mrml", "overlay", "report", "weights", "web"]
+         "loading", "logic", "markups", "metrics", "mrml", "overlay", "panel", "report", "weights", "web"]
 TORCH = ["checkpoints", "model", "official", "onnx_io", "training"]
 
 
@@ -65,10 +65,39 @@ def test_every_light_module_imports_and_the_widget_table_builds_from_a_real_node
     assert [r["confidence"] for r in out["rows"]] == [0.2, 0.6, 0.9]
 
 
-@pytest.mark.parametrize("name", TORCH)
-def test_torch_modules_say_they_need_torch(name):
-    res = run_light(f"import MedSapiensLandmarksLib.{name}")
-    assert res.returncode != 0 and "blocked (light install)" in res.stderr
+def test_torch_modules_need_torch():
+    res = run_light("""
+        import importlib
+        failed = []
+        for name in %r:
+            try:
+                importlib.import_module("MedSapiensLandmarksLib." + name)
+            except ModuleNotFoundError as err:
+                failed.append((name, err.name))
+        print(failed)
+    """ % TORCH)
+    assert res.stdout.strip() == str([(name, "torch") for name in TORCH]), res.stderr[-1000:]
+
+
+@pytest.mark.parametrize("what", ["torch backend", "official checkpoint", "sapiens bench"])
+def test_commands_that_need_torch_name_the_extra_to_install(what, ceph_dir, tmp_path):
+    """What a user of the light install sees on each path into the torch modules (checkpoints,
+    model, onnx_io: the torch backend; official: a .pth; model + official: bench --sapiens)."""
+    image = str(ceph_dir / "images" / "151.jpg")
+    (tmp_path / "medsapiens.pth").write_bytes(b"")
+    args = {"torch backend": ["detect", image, "-o", str(tmp_path / "out"), "--backend", "torch"],
+            "official checkpoint": ["detect", image, "-o", str(tmp_path / "out"), "--model",
+                                    str(tmp_path / "medsapiens.pth")],
+            "sapiens bench": ["bench", image, "--sapiens", "0.3b", "--repeat", "1"]}[what]
+    res = run_light("""
+        import sys
+        from MedSapiensLandmarksLib.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """, *args)
+    assert res.returncode == 2, res.stderr[-1000:]
+    assert res.stderr.strip() == (f"error: {args[0]} needs torch, which the light install leaves out: "
+                                  "pip install 'medsapiens-landmarks[train]'")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing half-written
 
 
 def test_cli_detect_runs_an_onnx_model_without_torch(ceph_dir, tmp_path):

@@ -228,6 +228,25 @@ def test_pickled_callable_is_refused_without_running(tmp_path):
     assert not marker.exists()
 
 
+class _HugeBytes:
+    """Pickles as ``bytes(2**40)``: the call the empty-array allowance must not open up."""
+
+    def __reduce__(self):
+        return bytes, (2 ** 40,)
+
+
+def test_mmengine_meta_with_empty_arrays_loads_and_bytes_calls_stay_refused(tmp_path):
+    from MedSapiensLandmarksLib.official import read_checkpoint
+
+    save_mmengine(tmp_path / "best.pth", head_state(19), 19, config_text="model = dict()")
+    _, meta = read_checkpoint(tmp_path / "best.pth")  # was "Unsupported global: GLOBAL bytes"
+    colours = meta["dataset_meta"]["skeleton_link_colors"]
+    assert colours.dtype == np.uint8 and colours.size == 0 and meta["cfg"] == "model = dict()"
+    torch.save({"meta": {"x": _HugeBytes()}, "state_dict": head_state(19)}, tmp_path / "huge.pth")
+    with pytest.raises(CheckpointError, match="refused or unreadable"):
+        read_checkpoint(tmp_path / "huge.pth")
+
+
 def test_sapiens_configs_match_the_published_sizes():
     net = LandmarkNet({"family": "sapiens", "arch": "sapiens_0.3b", "input_size": [1024, 768],
                        "num_keypoints": 19})

@@ -233,6 +233,11 @@ def test_a_jpeg_has_no_millimetres_until_calibrated_on_its_ruler(ceph_dir, tmp_p
     rows = {r["key"]: r for r in logic.measurements(vol, node)}
     assert rows["Bjork-Jarabak S-N"]["note"] == "needs pixel spacing"  # not ~700 "mm"
     assert rows["Steiner SNA"]["note"] == ""  # angles need no spacing
+    _, shown = panel.analyses(p, tracing=True)  # the panel's table and its tracing lines
+    lines = [scene.GetNodeByID(i) for i in json.loads(node.GetAttribute("MedSapiens.TracingLines")).values()]
+    assert len(shown) == len(rows) and len(lines) >= 8 and all(ln.GetDisplayNode().GetVisibility() for ln in lines)
+    panel.analyses(p, tracing=False)
+    assert not any(ln.GetDisplayNode().GetVisibility() for ln in lines)
     # the ruler: two points 300 pixels apart on the image, 30 mm on the ruler -> 0.1 mm/pixel
     ruler = scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", "Ruler")
     for xy in ([100.0, 200.0], [100.0, 500.0]):

@@ -69,7 +69,16 @@ def _numpy_globals() -> list[Any]:
     return out
 
 
-SAFE_GLOBALS = [_stand_in("mmengine.logging.history_buffer", "HistoryBuffer")]
+def _empty_bytes(*args: Any) -> bytes:
+    """``bytes`` as protocol-2 pickles call it for an empty buffer (the data of an empty numpy
+    array, e.g. mmpose's ``skeleton_link_colors`` of a set without a skeleton); non-empty
+    buffers come as ``_codecs.encode``. Any argument is refused: nothing else is built."""
+    if args:
+        raise pickle.UnpicklingError("bytes(...) with arguments is not allowed in a checkpoint")
+    return b""
+
+
+SAFE_GLOBALS = [_stand_in("mmengine.logging.history_buffer", "HistoryBuffer"), (_empty_bytes, "builtins.bytes")]
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

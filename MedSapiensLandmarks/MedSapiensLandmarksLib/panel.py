@@ -15,8 +15,8 @@ from typing import Any
 
 from .logic import LandmarksLogic
 from .markups import LOW_CONFIDENCE
-from .mrml import (owner_volume, ruler_spacing, set_volume_spacing, spacing_text, table_rows,
-                   volume_landmarks, volume_spacing)
+from .mrml import (owner_volume, plausibility_warning, ruler_spacing, set_volume_spacing, spacing_text,
+                   table_rows, volume_landmarks, volume_spacing)
 
 ANATOMY_OWN = "checkpoint's own"  # the anatomy choice that keeps an official checkpoint's own set
 DEFAULT_EXPORT_FOLDER = Path.home() / "MedSapiensLandmarks" / "cases"
@@ -101,6 +101,20 @@ class PanelController:
             return None
         owner = owner_volume(params.landmarks)
         return params.landmarks if owner is None or owner is params.inputVolume else None
+
+    def analyses(self, params: Any, tracing: bool) -> tuple[str, list[dict[str, Any]]]:
+        """The plausibility warning and the measurements of the shown points as they are now;
+        the tracing lines follow the points, shown only when asked for and there are analyses."""
+        node = self.shown_landmarks(params)
+        if node is None:
+            return "", []
+        rows = self.logic.measurements(params.inputVolume, node, self.slice_index(params))
+        self.logic.tracing(node, bool(rows) and tracing)
+        return plausibility_warning(node), rows
+
+    def finetune_folder(self, params: Any, stamp: str) -> Path:
+        """Where a fine-tune started at ``stamp`` writes its model: beside the export folder."""
+        return Path(params.exportFolder).parent / "models" / stamp
 
     def slice_index(self, params: Any) -> int | None:
         image = params.inputVolume.GetImageData()
