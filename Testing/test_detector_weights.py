@@ -70,21 +70,22 @@ def test_bench_stages_account_for_the_time_and_a_slowed_stage_shows_as_that_stag
 
     image = ceph_dir / "images" / "151.jpg"
     parts = ["read", "preprocess", "forward", "decode", "refine", "write_mrk"]
-    base = bench_image(image, repeat=1)["stages_s"]
+    base = bench_image(image, repeat=3)["stages_s"]  # medians of 3: steady on a loaded machine
     # every lap of the pipeline is reported: the stages cover the whole end-to-end time
-    assert sum(base[p] for p in parts) == pytest.approx(base["end_to_end_mrk"], rel=0.02)
+    assert sum(base[p] for p in parts) == pytest.approx(base["end_to_end_mrk"], rel=0.1)  # medians
     assert base["end_to_end_mrk_png"] > base["end_to_end_mrk"]
-    real = detector.decode_heatmaps
+    real = detector.Detector._coarse_input  # framing the whole image: the preprocess stage only
 
-    def slow_decode(hm):
+    def slow_framing(self, images):
         time.sleep(0.4)
-        return real(hm)
+        return real(self, images)
 
-    monkeypatch.setattr(detector, "decode_heatmaps", slow_decode)
-    slow = bench_image(image, repeat=1)["stages_s"]
-    assert 0.35 < slow["decode"] - base["decode"] < 0.6  # the delay lands in its own stage
+    monkeypatch.setattr(detector.Detector, "_coarse_input", slow_framing)
+    slow = bench_image(image, repeat=3)["stages_s"]
+    assert 0.35 < slow["preprocess"] - base["preprocess"] < 0.6  # the delay lands in its own stage
     assert slow["end_to_end_mrk"] - base["end_to_end_mrk"] > 0.35
-    assert all(slow[p] - base[p] < 0.3 for p in parts if p != "decode"), (base, slow)
+    others = {p: round(slow[p] - base[p], 3) for p in parts if p != "preprocess"}
+    assert max(others.values()) < 0.2, others  # and in no other stage
 
 
 def test_model_url_is_fetched_checked_and_loaded(tmp_path, monkeypatch):
