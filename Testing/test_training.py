@@ -36,20 +36,35 @@ CFG = dict(coarse_size=(64, 48), refine_size=(32, 32), refine_fraction=0.2, coar
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
-    return make_cases(tmp_path_factory.mktemp("synthetic"), 8)
+    return make_cases(tmp_path_factory.mktemp("synthetic"), 12)
 
 
-def test_fit_saves_a_model_that_loads_and_detects(tmp_path, cases):
-    card = training.fit(cases[:6], cases[6:], NAMES, tmp_path / "m", training.TrainConfig(**CFG))
-    det = Detector.load(card)
+@pytest.fixture(scope="module")
+def trained(cases, tmp_path_factory):
+    """One model for the tests that start from a trained one (8 + 3 epochs on 8 images, ~20 s).
+    P2 is marked missing (NaN) on three of its training images: no patch, no loss there."""
+    train = [training.Case(c.image, c.xy.copy(), c.spacing) for c in cases[:8]]
+    for c in train[:3]:
+        c.xy[1] = np.nan
+    folder = tmp_path_factory.mktemp("trained")
+    cfg = training.TrainConfig(**{**CFG, "coarse_epochs": 8, "refine_epochs": 3, "lr": 3e-3})
+    return training.fit(train, cases[8:], NAMES, folder / "m", cfg)
+
+
+def test_fit_finds_the_targets_it_was_trained_for(trained, cases):
+    det = Detector.load(trained)
     assert det.names == ["P1", "P2"] and det.local_stages == ["refine"]
-    meta = json.loads(card.read_text())
-    assert meta["training"]["train_cases"] == ["000", "001", "002", "003", "004", "005"]
-    log = [json.loads(x) for x in (tmp_path / "m" / "work" / "log.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in log] == ["coarse", "coarse", "refine"]
-    assert all(np.isfinite(r["loss"]) and r["val_mre_mm"] > 0 for r in log)
-    lm = det.detect(read_image(cases[6].image, spacing=0.5))
-    assert lm.xy.shape == (2, 2) and np.all((lm.confidence >= 0) & (lm.confidence <= 1))
+    meta = json.loads(trained.read_text())
+    assert meta["training"]["train_cases"] == [f"{i:03d}" for i in range(8)]
+    log = [json.loads(x) for x in (trained.parent / "work" / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log] == ["coarse"] * 8 + ["refine"] * 3
+    assert all(np.isfinite(r["loss"]) for r in log)  # the missing points add no NaN
+    # on 4 unseen images both disks are found to about 1-3.4 px (disk radius 6 px); the same
+    # net untrained is 4 to 124 px off (mean 45 px) on these images
+    err = np.array([np.linalg.norm(det.detect(read_image(c.image, spacing=0.5)).xy - c.xy, axis=1)
+                    for c in cases[8:]])
+    assert err.max() < 5.0 and err.mean() < 3.0, err.round(1)
+    assert log[-1]["val_mre_mm"] == pytest.approx(err.mean() * 0.5, rel=0.05)
 
 
 def test_validation_error_is_logged_in_pixels_when_the_spacing_is_unknown(tmp_path, cases):
@@ -60,9 +75,8 @@ def test_validation_error_is_logged_in_pixels_when_the_spacing_is_unknown(tmp_pa
     assert "val_mre_mm" not in record and record["val_mre_px"] > 0
 
 
-def test_context_stage_added_to_a_trained_model_runs_before_refine(tmp_path, cases):
-    base = Detector.load(training.fit(cases[:6], [], NAMES, tmp_path / "base", training.TrainConfig(**CFG)),
-                         backend="torch")
+def test_context_stage_added_to_a_trained_model_runs_before_refine(tmp_path, cases, trained):
+    base = Detector.load(trained, backend="torch")
     cfg = training.TrainConfig(**{**CFG, "coarse_epochs": 0, "refine_epochs": 0, "context_epochs": 1,
                                   "context_size": (32, 32), "context_fraction": 0.4})
     det = Detector.load(training.fit(cases[:6], cases[6:], NAMES, tmp_path / "ctx", cfg, init=base),
@@ -116,9 +130,8 @@ def test_interrupted_training_resumes_to_identical_weights(tmp_path, cases):
         assert torch.equal(a, b), k
 
 
-def test_init_from_another_landmark_set_transfers_all_but_the_heads(tmp_path, cases):
-    base = Detector.load(training.fit(cases[:6], [], NAMES, tmp_path / "base", training.TrainConfig(**CFG)),
-                         backend="torch")
+def test_init_from_another_landmark_set_transfers_all_but_the_heads(tmp_path, cases, trained):
+    base = Detector.load(trained, backend="torch")
     one = [training.Case(c.image, c.xy[:1], c.spacing, c.split, c.case_id) for c in cases]
     cfg = training.TrainConfig(**{**CFG, "coarse_epochs": 1, "refine_epochs": 0, "lr": 0.0})
     det = Detector.load(training.fit(one[:6], [], NAMES[:1], tmp_path / "one", cfg, init=base),
@@ -132,9 +145,8 @@ def test_init_from_another_landmark_set_transfers_all_but_the_heads(tmp_path, ca
     assert len(params) > 50 and all(torch.allclose(got[k].float(), src[k].float(), atol=1e-3) for k in params)
 
 
-def test_reframed_stage_keeps_the_init_weights_and_takes_the_new_patch(tmp_path, cases):
-    base = Detector.load(training.fit(cases[:6], [], NAMES, tmp_path / "base", training.TrainConfig(**CFG)),
-                         backend="torch")
+def test_reframed_stage_keeps_the_init_weights_and_takes_the_new_patch(tmp_path, cases, trained):
+    base = Detector.load(trained, backend="torch")
     cfg = training.TrainConfig(**{**CFG, "coarse_epochs": 0, "refine_epochs": 0,
                                   "refine_size": (48, 48), "refine_fraction": 0.3})
     det = Detector.load(training.fit(cases[:6], cases[6:], NAMES, tmp_path / "wide", cfg, init=base,
