@@ -137,6 +137,28 @@ def test_detect_drag_export_finetune_in_a_real_browser(server, ceph_dir, tmp_pat
         page.wait_for_selector("#plausibility")
         assert "does not look like a lateral cephalogram" in page.inner_text("#plausibility")
         assert page.query_selector("#measurements") is not None  # still 19 points, still measured
+        # a JPEG without a spacing: no millimetres until calibrated on the ruler
+        page.fill("#spacing", "")
+        page.set_input_files("input[type=file]", str(ceph_dir / "images" / "152.jpg"))
+        page.wait_for_function("document.querySelector('#status').innerText.startsWith('152.jpg')")
+        assert page.inner_text("#spacing-info").startswith("Pixel spacing unknown (none in the JPEG file)")
+        page.click("#detect")
+        page.wait_for_function("document.querySelectorAll('#measurements tbody tr').length > 20")
+
+        def sn_cell():
+            return page.inner_text("#measurements tbody tr:has(td.name:text-is('Bjork-Jarabak: S-N')) td.value")
+
+        assert sn_cell() == "needs pixel spacing"
+        page.click("#ruler-add")  # two points a third of the image height apart: 800 of 2400 px
+        page.wait_for_function("window.trame.state.get('has_ruler') === true")
+        page.fill("#ruler-mm", "80")
+        page.click("#calibrate")
+        page.wait_for_function("document.querySelector('#spacing-info').innerText.includes('from ruler: 80 mm')")
+        assert page.inner_text("#spacing-info").startswith("0.1 mm/pixel")
+        page.wait_for_function("[...document.querySelectorAll('#measurements tbody tr')].some(tr => "
+                               "tr.querySelector('td.name').innerText === 'Bjork-Jarabak: S-N' && "
+                               "tr.querySelector('td.value').innerText.endsWith('mm'))")
+        assert 55 < float(sn_cell().split()[0]) < 85  # anterior cranial base, about 70 mm
         page.click("#finetune")
         page.wait_for_function("document.querySelector('#status').innerText.startsWith('fine-tuned model')",
                                timeout=300_000)

@@ -12,9 +12,11 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import vtk
 
 from .detector import Detector
 from .export import ExportError
@@ -22,7 +24,8 @@ from .imageio import ImageError, Radiograph, read_image
 from .inputs import IMAGE_SUFFIXES
 from .logic import FinetuneJob, LandmarksLogic
 from .cephalometry import cells
-from .mrml import ATTR_SPACING, plausibility_warning, spacing_text, table_rows
+from .mrml import ATTR_SPACING, ijk_to_ras, plausibility_warning, spacing_text, table_rows
+from .panel import PanelController
 
 MAX_UPLOAD_BYTES = 200 * 1024 * 1024
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,150}$")
@@ -73,6 +76,8 @@ class LandmarksWebApp:
         self.layouts.register_layout_dict(
             {"slice": Layout(LayoutDirection.Vertical, [ViewLayoutDefinition.axial_view()])})
         self.logic = LandmarksLogic(self.slicer.scene)
+        self.panel = PanelController(self.logic)  # the Slicer panel's rules: spacing, ruler
+        self.ruler: Any = None
         self.anatomy = anatomy
         if detector is not None:
             self.logic.add_detector(model, detector, anatomy=anatomy)
@@ -87,7 +92,8 @@ class LandmarksWebApp:
         state.update({"upload": None, "status": "Open a radiograph (PNG, JPEG, DICOM, NRRD…)",
                       "error": "", "rows": [], "case_id": "", "can_detect": False, "can_export": False,
                       "finetune_progress": 0, "finetune_running": False, "points_view": [], "spacing": "",
-                      "warning": "", "measurements": [], "tracing": False, "report": False})
+                      "warning": "", "measurements": [], "tracing": False, "report": False,
+                      "spacing_info": "", "ruler_mm": "10", "has_ruler": False})
         state.change("upload")(self.on_upload)
         state.change("tracing")(lambda **_: self.refresh())
         self._build_ui()
@@ -133,14 +139,15 @@ class LandmarksWebApp:
         # the NRRD carries 1 mm/pixel for a file without spacing: keep saying it is unknown
         self.volume.SetAttribute(ATTR_SPACING, json.dumps({"known": image.spacing_known,
                                                            "source": image.spacing_source}))
-        self.markups = None
+        self.markups = self.ruler = None
         if self.volume_dir is not None:  # the previous image's converted volume
             shutil.rmtree(self.volume_dir, ignore_errors=True)
         self.volume_dir = folder
         self.slicer.display_manager.show_volume(self.volume, do_reset_views=True)
         with self.server.state as s:
             s.can_detect, s.can_export, s.rows, s.error = True, False, [], ""
-            s.warning, s.measurements = "", []
+            s.warning, s.measurements, s.has_ruler = "", [], False
+            s.spacing_info = spacing_text(self.volume)
             s.case_id = self.volume.GetName()
             s.status = f"{Path(path).name}: {image.shape[1]}x{image.shape[0]} pixels, {spacing_text(self.volume)}"
 
@@ -154,6 +161,47 @@ class LandmarksWebApp:
             self.markups.AddObserver(self.markups.PointEndInteractionEvent, lambda *_: self.refresh())
         self.refresh()
         self.server.state.status = f"{self.markups.GetNumberOfControlPoints()} landmarks detected"
+
+    def _params(self) -> SimpleNamespace:
+        """The page's state in the shape `PanelController` reads (the Slicer parameter node's)."""
+        return SimpleNamespace(inputVolume=self.volume, landmarks=self.markups, sliceIndex=0)
+
+    def set_spacing(self) -> None:
+        """Apply the typed spacing to the open image (points stay on their pixels)."""
+        if self.volume is None:
+            return self._error("open an image first")
+        try:
+            self.panel.set_spacing(self._params(), str(self.server.state.spacing or ""))
+        except ValueError as err:
+            return self._error(str(err))
+        self._spacing_changed()
+
+    def add_ruler(self) -> None:
+        """A two-point line across the middle of the image, to drag onto two ruler marks."""
+        if self.volume is None:
+            return self._error("open an image first")
+        if self.ruler is None:
+            image = self.volume.GetImageData()
+            w, h, _ = image.GetDimensions()
+            m = ijk_to_ras(self.volume)
+            self.ruler = self.slicer.scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", "Ruler")
+            self.ruler.CreateDefaultDisplayNodes()
+            for j in (h / 3, 2 * h / 3):
+                self.ruler.AddControlPoint(vtk.vtkVector3d(*(m @ [w / 2, j, 0, 1])[:3]))
+        self.server.state.has_ruler = True
+        self.server.state.status = "drag the two ruler points onto two marks, type their distance, Calibrate"
+
+    def calibrate(self) -> None:
+        try:
+            self.panel.calibrate(self._params(), self.ruler, str(self.server.state.ruler_mm or ""))
+        except ValueError as err:
+            return self._error(str(err))
+        self._spacing_changed()
+
+    def _spacing_changed(self) -> None:
+        with self.server.state as s:
+            s.spacing_info, s.error = spacing_text(self.volume), ""
+        self.refresh()
 
     def refresh(self) -> None:
         """Table rows, the on-screen position of each point (the page and its tests use them),
@@ -243,6 +291,7 @@ class LandmarksWebApp:
 
         ctrl = self.server.controller
         ctrl.detect, ctrl.export, ctrl.finetune = self.detect, self.export, self.finetune
+        ctrl.set_spacing, ctrl.add_ruler, ctrl.calibrate = self.set_spacing, self.add_ruler, self.calibrate
         ctrl.on_server_ready.add(self._start_polling)
         with SinglePageWithDrawerLayout(self.server) as self.ui:
             self.ui.title.set_text("MedSapiens Landmarks")
@@ -251,8 +300,19 @@ class LandmarksWebApp:
                 with v.VContainer(classes="pa-3"):
                     v.VFileInput(v_model=("upload", None), label="Radiograph", id="upload",
                                  accept=",".join(sorted(IMAGE_SUFFIXES)), density="compact")
-                    v.VTextField(v_model=("spacing",), label="Pixel spacing (mm) for files without one",
-                                 density="compact", id="spacing", placeholder="e.g. 0.1")
+                    with html.Div(classes="d-flex"):
+                        v.VTextField(v_model=("spacing",), label="Pixel spacing (mm) for files without one",
+                                     density="compact", id="spacing", placeholder="e.g. 0.1")
+                        v.VBtn("Set", id="set-spacing", click=ctrl.set_spacing, disabled=("!can_detect",),
+                               classes="ml-2")
+                    html.Div("{{ spacing_info }}", id="spacing-info", classes="text-caption mb-1")
+                    with html.Div(classes="d-flex mb-2"):
+                        v.VBtn("Ruler", id="ruler-add", click=ctrl.add_ruler, disabled=("!can_detect",),
+                               size="small")
+                        v.VTextField(v_model=("ruler_mm",), label="ruler distance (mm)", density="compact",
+                                     id="ruler-mm", classes="mx-2", hide_details=True)
+                        v.VBtn("Calibrate", id="calibrate", click=ctrl.calibrate, disabled=("!has_ruler",),
+                               size="small")
                     v.VBtn("Detect landmarks", id="detect", click=ctrl.detect, disabled=("!can_detect",),
                            color="primary", block=True, classes="mb-2")
                     html.Div("{{ status }}", id="status", classes="text-caption mb-1")
