@@ -84,7 +84,9 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedSapiensLandmarksLogic()
-        self.panel = PanelController(self.logic.core, qt.QSettings())
+        database = getattr(slicer, "dicomDatabase", None)
+        self.panel = PanelController(self.logic.core, qt.QSettings(),
+                                     database.instanceValue if database is not None else None)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.detectButton.connect("clicked(bool)", self.onDetect)

@@ -330,3 +330,34 @@ def test_self_test_builds_the_panel_and_skips_visibly_without_onnxruntime(versio
         monkeypatch.setattr(module.slicer, "app", App, raising=False)
         with pytest.raises(unittest.SkipTest, match="onnxruntime is not installed"):
             test.test_two_patients()
+
+
+@pytest.mark.parametrize("tags, spacing, source", [
+    ({"0028,0030": "0.25\\0.2"}, (0.2, 0.25), "DICOM Pixel Spacing (0028,0030)"),
+    ({"0018,1164": "0.15\\0.15", "0018,1114": "1.1"}, (0.15 / 1.1, 0.15 / 1.1),
+     "DICOM Imager Pixel Spacing (0018,1164) / Estimated Radiographic Magnification Factor 1.1 (0018,1114)"),
+    ({}, None, "none in the DICOM file (no Pixel Spacing, no Imager Pixel Spacing)"),
+])
+def test_a_dicom_radiograph_gets_the_spacing_its_tags_mean(tags, spacing, source):
+    """Slicer's DICOM reader puts the detector-plane Imager Pixel Spacing on a radiograph without
+    Pixel Spacing; the panel reads the tags (``dicomDatabase.instanceValue``) and applies the
+    magnification factor, saying which tag it used."""
+    scene = new_scene()[0]
+    volume = rgb_volume(scene, "dx")
+    volume.SetSpacing(0.15, 0.15, 1.0)  # as Slicer loaded it
+    volume.SetAttribute("DICOM.instanceUIDs", "1.2.3.4")
+    database = {("1.2.3.4", tag): value for tag, value in tags.items()}
+    panel = PanelController(LandmarksLogic(scene), dicom_value=lambda uid, tag: database.get((uid, tag), ""))
+
+    class Params:
+        inputVolume, landmarks = volume, None
+
+    panel.sync(Params())
+    got = volume_spacing(volume)
+    assert got["source"] == source and got["known"] == (spacing is not None)
+    if spacing is not None:
+        assert got["mm"] == pytest.approx(spacing)
+    panel.set_spacing(Params(), "0.1")  # the user's value wins and stays
+    panel._volume = None
+    panel.sync(Params())
+    assert volume.GetSpacing()[:2] == pytest.approx((0.1, 0.1))

@@ -11,7 +11,7 @@ move together.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import slicer
@@ -73,6 +73,46 @@ def volume_spacing(volume_node: Any) -> dict[str, Any]:
     return {"mm": mm, "known": True, "source": "file header" if name else "scene"}
 
 
+def dicom_spacing(volume_node: Any, instance_value: Callable[[str, str], str]) -> dict[str, Any] | None:
+    """The spacing a radiograph's DICOM tags give (``instance_value(uid, "gggg,eeee")`` reads a
+    tag of an instance, as Slicer's ``dicomDatabase.instanceValue``): Pixel Spacing, else Imager
+    Pixel Spacing divided by the Estimated Radiographic Magnification Factor; ``known`` False
+    when neither is there. None for a volume not loaded from DICOM."""
+    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    if not uids:
+        return None
+
+    def numbers(tag: str) -> list[float]:
+        try:
+            return [float(v) for v in (instance_value(uids[0], tag) or "").split("\\") if v.strip()]
+        except ValueError:
+            return []
+
+    pixel, imager, ermf = numbers("0028,0030"), numbers("0018,1164"), numbers("0018,1114")
+    if len(pixel) >= 2:
+        return {"known": True, "mm": (pixel[1], pixel[0]), "source": "DICOM Pixel Spacing (0028,0030)"}
+    if len(imager) >= 2:
+        source = "DICOM Imager Pixel Spacing (0018,1164)"
+        if ermf and ermf[0] > 0:
+            source += f" / Estimated Radiographic Magnification Factor {ermf[0]:g} (0018,1114)"
+        scale = ermf[0] if ermf and ermf[0] > 0 else 1.0
+        return {"known": True, "mm": (imager[1] / scale, imager[0] / scale), "source": source}
+    return {"known": False, "mm": None, "source": "none in the DICOM file (no Pixel Spacing, no Imager Pixel Spacing)"}
+
+
+def apply_dicom_spacing(scene: Any, volume_node: Any, instance_value: Callable[[str, str], str]) -> None:
+    """Give a DICOM radiograph the spacing its tags mean (once: a spacing the user set stays)."""
+    if volume_node.GetAttribute(ATTR_SPACING):
+        return
+    found = dicom_spacing(volume_node, instance_value)
+    if found is None:
+        return
+    if found["known"]:
+        set_volume_spacing(scene, volume_node, found["mm"], found["source"])
+    else:
+        volume_node.SetAttribute(ATTR_SPACING, json.dumps({"known": False, "source": found["source"]}))
+
+
 def spacing_text(volume_node: Any) -> str:
     """One line for the panel: the spacing with its source, or why millimetres are not shown."""
     s = volume_spacing(volume_node)
@@ -83,15 +123,17 @@ def spacing_text(volume_node: Any) -> str:
     return f"{value} (from {s['source']})"
 
 
-def set_volume_spacing(scene: Any, volume_node: Any, mm: float, source: str = "user") -> None:
-    """Give the volume an isotropic in-plane spacing of ``mm`` (its origin and directions kept),
-    and move the points of its landmark list with the pixels they sit on (not corrections)."""
-    if not np.isfinite(mm) or mm <= 0:
+def set_volume_spacing(scene: Any, volume_node: Any, mm: float | tuple[float, float], source: str = "user") -> None:
+    """Give the volume an in-plane spacing of ``mm`` (one value, or columns x rows; origin and
+    directions kept), and move its landmark list's points with the pixels they sit on (not
+    corrections)."""
+    sx, sy = (mm, mm) if np.isscalar(mm) else mm
+    if not (np.isfinite(sx) and np.isfinite(sy)) or sx <= 0 or sy <= 0:
         raise ValueError(f"pixel spacing must be a positive number of mm, got {mm}")
     node = volume_landmarks(scene, volume_node)
     before = ijk_to_ras(volume_node)
     old = volume_node.GetSpacing()
-    volume_node.SetSpacing(mm, mm, old[2])
+    volume_node.SetSpacing(sx, sy, old[2])
     after = ijk_to_ras(volume_node)
     volume_node.SetAttribute(ATTR_SPACING, json.dumps({"known": True, "source": source}))
     if node is None or node.GetNumberOfControlPoints() == 0:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .logic import LandmarksLogic
 from .markups import LOW_CONFIDENCE
-from .mrml import (owner_volume, plausibility_warning, ruler_spacing, set_volume_spacing, spacing_text,
+from .mrml import (apply_dicom_spacing, owner_volume, plausibility_warning, ruler_spacing, set_volume_spacing, spacing_text,
                    table_rows, volume_landmarks, volume_spacing)
 
 ANATOMY_OWN = "checkpoint's own"  # the anatomy choice that keeps an official checkpoint's own set
@@ -43,8 +43,10 @@ class PanelView:
 class PanelController:
     """One per panel; ``logic`` does the work on the scene."""
 
-    def __init__(self, logic: LandmarksLogic, settings: Any | None = None) -> None:
-        self.logic, self.settings = logic, settings
+    def __init__(self, logic: LandmarksLogic, settings: Any | None = None,
+                 dicom_value: Callable[[str, str], str] | None = None) -> None:
+        """``dicom_value(uid, tag)`` reads a DICOM tag (Slicer: ``dicomDatabase.instanceValue``)."""
+        self.logic, self.settings, self.dicom_value = logic, settings, dicom_value
         self._volume: Any = None  # the volume the panel last showed
 
     # -- parameter node -----------------------------------------------------------------------
@@ -65,6 +67,8 @@ class PanelController:
         volume = params.inputVolume
         if volume is not self._volume:
             self._volume = volume
+            if volume is not None and self.dicom_value is not None:  # the tag that gives the mm
+                apply_dicom_spacing(self.logic.scene, volume, self.dicom_value)
             own = volume_landmarks(self.logic.scene, volume)
             if params.landmarks is not own:
                 params.landmarks = own
