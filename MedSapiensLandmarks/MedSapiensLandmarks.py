@@ -84,9 +84,7 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedSapiensLandmarksLogic()
-        database = getattr(slicer, "dicomDatabase", None)
-        self.panel = PanelController(self.logic.core, qt.QSettings(),
-                                     database.instanceValue if database is not None else None)
+        self.panel = PanelController(self.logic.core, qt.QSettings(), self._dicomValue)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.detectButton.connect("clicked(bool)", self.onDetect)
@@ -101,6 +99,13 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.tracingCheckBox.connect("toggled(bool)", lambda checked: self._fillTable())
         self.ui.warningLabel.hide()
         self.initializeParameterNode()
+
+    @staticmethod
+    def _dicomValue(uid: str, tag: str) -> str:
+        """A DICOM tag of an instance ("0028,0030"), looked up when asked: the database exists
+        from the application's start, its ``slicer.dicomDatabase`` alias only after start-up."""
+        database = slicer.app.dicomDatabase()
+        return database.instanceValue(uid, tag) if database is not None else ""
 
     def cleanup(self) -> None:
         self.removeObservers()

@@ -14,8 +14,10 @@ from conftest import SCHEMA
 from MedSapiensLandmarksLib.datasets import read_landmark_csv
 from MedSapiensLandmarksLib.export import ExportError, read_cases
 from MedSapiensLandmarksLib.imageio import read_image
+from MedSapiensLandmarksLib.detector import Detector
 from MedSapiensLandmarksLib.logic import LandmarksLogic
 from MedSapiensLandmarksLib.mrml import corrected_flags, ijk_to_ras, table_rows
+from MedSapiensLandmarksLib.panel import finetune_outcome
 from slicer_helpers import new_scene, read_markups_with_slicer
 
 FLIP = np.array([[-1.0, 0, 0], [0, -1.0, 0], [0, 0, 1.0]])
@@ -183,24 +185,55 @@ def test_finetune_from_exported_cases(ceph_dir, tmp_path, scene):
     assert job.progress == 1.0 and not job.running
     assert result["val_cases"] == 1
     assert result["accepted"] == (result["mre_after_mm"] <= result["mre_before_mm"])
+    kind, text = finetune_outcome(result)  # what the panel (and the web page) then say
+    if result["accepted"]:
+        assert (kind, text) == ("question", f"Fine-tuned model: MRE {result['mre_after_mm']:.2f} mm on held-back "
+                                            f"cases (was {result['mre_before_mm']:.2f} mm). Use it?")
+    else:
+        assert (kind, text) == ("info", f"The fine-tuned model was not better on held-back cases (MRE "
+                                        f"{result['mre_after_mm']:.2f} vs {result['mre_before_mm']:.2f} mm); "
+                                        f"the current model is kept.")
     assert (tmp_path / "model" / "model.json").exists() and result["model"].endswith("model.json")
     card = json.loads((tmp_path / "model" / "model.json").read_text())
     assert card["training"]["train_cases"] == ["153", "154"] and card["training"]["val_cases"] == ["155"]
 
 
-def test_finetune_can_be_cancelled(tmp_path):
-    from MedSapiensLandmarksLib.landmarks import Landmarks
+def _synthetic_cases(folder, k=19, n=3):
+    """``n`` exported cases of a flat picture with ``k`` points (all marked corrected)."""
     from MedSapiensLandmarksLib.export import export_case
     from MedSapiensLandmarksLib.imageio import Radiograph
-    from MedSapiensLandmarksLib.logic import FinetuneJob
+    from MedSapiensLandmarksLib.landmarks import Landmarks
 
     a = np.array([[0.1, 0, 0], [0, 0.1, 0], [0, 0, 0.0]])
-    for i in range(3):
+    for i in range(n):
         img = Radiograph(np.full((200, 160), 100, np.uint8), a, True, f"c{i}")
-        xy = np.tile([[50.0 + i, 60.0]], (19, 1))
-        lm = Landmarks([f"P{k}" for k in range(19)], ["p"] * 19, xy, img.to_lps(xy), np.ones(19))
-        export_case(tmp_path / "cases", f"c{i}", img, lm, [True] * 19)
-    job = FinetuneJob(tmp_path / "cases", tmp_path / "model", coarse_epochs=50)
+        xy = np.c_[np.linspace(40, 120, k) + i, np.full(k, 60.0)]
+        lm = Landmarks([f"P{j}" for j in range(k)], ["p"] * k, xy, img.to_lps(xy), np.ones(k))
+        export_case(folder, f"c{i}", img, lm, [True] * k)
+    return folder
+
+
+@pytest.mark.parametrize("k, n, reason", [
+    (19, 1, "1 case(s) are too few to hold one back for a check (export at least 2)"),
+    (3, 2, "the cases have 3 landmarks and the model 19: the two cannot be compared"),
+])
+def test_an_unvalidated_fine_tune_names_the_real_reason(tmp_path, k, n, reason):
+    from MedSapiensLandmarksLib.logic import FinetuneJob
+
+    job = FinetuneJob(_synthetic_cases(tmp_path / "cases", k, n), tmp_path / "model", init="default",
+                      coarse_epochs=1, refine_epochs=0)
+    result = job.wait(timeout=600)
+    assert result["returncode"] == 0, "\n".join(job.lines[-20:])
+    assert result["status"] == "unvalidated" and result["reason"] == reason
+    assert finetune_outcome(result) == ("question", f"The fine-tuned model could not be checked: {reason}. "
+                                                    f"Use it anyway?")
+    assert Detector.load(result["model"]).names == [f"P{j}" for j in range(k)]
+
+
+def test_finetune_can_be_cancelled(tmp_path):
+    from MedSapiensLandmarksLib.logic import FinetuneJob
+
+    job = FinetuneJob(_synthetic_cases(tmp_path / "cases"), tmp_path / "model", coarse_epochs=50)
     deadline = time.time() + 120
     while not any('"epoch"' in line for line in job.lines) and time.time() < deadline:
         time.sleep(0.2)  # training has started: the job's process holds torch and the cases

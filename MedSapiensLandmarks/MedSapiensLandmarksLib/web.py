@@ -25,7 +25,7 @@ from .inputs import IMAGE_SUFFIXES
 from .logic import FinetuneJob, LandmarksLogic
 from .cephalometry import cells
 from .mrml import ATTR_SPACING, ijk_to_ras, plausibility_warning, spacing_text, table_rows
-from .panel import PanelController
+from .panel import PanelController, finetune_outcome
 
 MAX_UPLOAD_BYTES = 200 * 1024 * 1024
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,150}$")
@@ -266,7 +266,8 @@ class LandmarksWebApp:
             if not self.job.running:
                 res = self.job.result()
                 s.finetune_running = False
-                s.status = (f"fine-tuned model: {res['model']} ({res['status']})"
+                _kind, text = finetune_outcome(res)  # the panel's words
+                s.status = (f"fine-tuned model: {res['model']} ({res['status']}): {text}"
                             if res["returncode"] == 0 else "fine-tuning failed: " + " ".join(res["log_tail"]))
                 self.job = None
 
