@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "MedSapiensLandmarks"))
 SHARED = ROOT.parent / "shared"
 CEPH = SHARED / "data" / "isbi2015-ceph"
+HAND = SHARED / "data" / "dha-hand"
 SCHEMA = SHARED / "reference" / "markups-schema-v1.0.3.json"
 
 
@@ -18,3 +19,10 @@ def ceph_dir() -> Path:
     if not (CEPH / "images" / "151.jpg").exists():
         pytest.fail(f"shared data missing: {CEPH} (CI clones with ../shared beside the repo)")
     return CEPH
+
+
+@pytest.fixture(scope="session")
+def hand_dir() -> Path:
+    if not (HAND / "landmarks.csv").exists():
+        pytest.fail(f"shared data missing: {HAND} (CI clones with ../shared beside the repo)")
+    return HAND

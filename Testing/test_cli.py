@@ -143,7 +143,7 @@ def test_train_passes_the_learning_rate_and_case_split_to_fit(tmp_path, ceph_dir
     assert seen == {}
 
 
-def test_measurements_table_and_report_pdf(tmp_path, ceph_dir, capsys):
+def test_measurements_table_and_report_pdf(tmp_path, ceph_dir, capsys, hand_dir):
     import pypdfium2
 
     from MedSapiensLandmarksLib.cephalometry import MEASUREMENTS as ANALYSES
@@ -175,7 +175,7 @@ def test_measurements_table_and_report_pdf(tmp_path, ceph_dir, capsys):
     assert all(a in text for a in ("Steiner", "Downs", "Bjork-Jarabak", "Ricketts", "Legan-Burstone"))
     # analyses need the 19 cephalometric landmarks
     capsys.readouterr()
-    hand = ceph_dir.parent / "dha-hand" / "images" / "3143.jpg"
+    hand = hand_dir / "images" / "3143.jpg"
     assert main(["detect", str(hand), "--model", "hand-default", "-o", str(tmp_path / "h"),
                  "--format", "measurements"]) == 2
     assert "measurements output needs a model of the 19 ISBI" in capsys.readouterr().err

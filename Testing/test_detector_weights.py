@@ -130,11 +130,11 @@ def test_landmarks_agree_across_thread_counts(images):
     assert np.abs(one.confidence - two.confidence).max() < 1e-4
 
 
-def test_shipped_hand_model_finds_hand_landmarks(ceph_dir):
+def test_shipped_hand_model_finds_hand_landmarks(ceph_dir, hand_dir):
     from MedSapiensLandmarksLib.datasets import read_landmark_csv
     from MedSapiensLandmarksLib.metrics import hand_scale
 
-    hands = [c for c in read_landmark_csv(ceph_dir.parent / "dha-hand" / "landmarks.csv") if c.split == "valid"]
+    hands = [c for c in read_landmark_csv(hand_dir / "landmarks.csv") if c.split == "valid"]
     hand = Detector.load("hand-default", device="cpu")
     assert len(hand.names) == 37
     case = hands[0]

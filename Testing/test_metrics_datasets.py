@@ -24,11 +24,11 @@ def test_hand_scale_makes_wrist_width_50mm():
     assert np.allclose(hand_scale(truth), [0.5, 0.2])
 
 
-def test_isbi_and_hand_csv_layouts(ceph_dir):
+def test_isbi_and_hand_csv_layouts(ceph_dir, hand_dir):
     cases = read_landmark_csv(ceph_dir / "test1_senior.csv", spacing=0.1)
     assert len(cases) == 150 and cases[0].xy.shape == (19, 2)
     assert all(c.image.exists() for c in cases[:5])
-    hand = read_landmark_csv(ceph_dir.parent / "dha-hand" / "landmarks.csv")
+    hand = read_landmark_csv(hand_dir / "landmarks.csv")
     assert len(hand) == 112 and hand[0].xy.shape == (37, 2)
     assert {c.split for c in hand} == {"train", "valid"} and sum(c.split == "train" for c in hand) == 91
 

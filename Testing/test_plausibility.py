@@ -5,14 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SHARED
 from MedSapiensLandmarksLib.cli import main
 from MedSapiensLandmarksLib.datasets import read_landmark_csv
 from MedSapiensLandmarksLib.detector import Detector
 from MedSapiensLandmarksLib.imageio import read_image
 from MedSapiensLandmarksLib.shape import ShapeModel, procrustes
-
-HANDS = SHARED / "data" / "dha-hand"
 
 
 def similarity(xy, angle_deg, scale, shift, mirror=False):
@@ -72,8 +69,8 @@ def ceph_model():
 
 
 @pytest.fixture(scope="module")
-def hand_cases():
-    return read_landmark_csv(HANDS / "landmarks.csv")
+def hand_cases(hand_dir):
+    return read_landmark_csv(hand_dir / "landmarks.csv")
 
 
 def test_ceph_model_passes_test1_cephalograms_and_warns_on_every_hand(ceph_dir, ceph_model, hand_cases):

@@ -58,6 +58,17 @@ def scene():
     return new_scene()[0]
 
 
+@pytest.fixture()
+def logic(scene):
+    return LandmarksLogic(scene)
+
+
+@pytest.fixture()
+def vol(scene, ceph_dir, tmp_path):
+    """ISBI 151 as Slicer loads a one-slice NRRD of it (0.1 mm/pixel)."""
+    return load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path))
+
+
 def pixel_to_ras(volume_node, xy):
     m = ijk_to_ras(volume_node)
     ijk = np.c_[xy, np.zeros(len(xy)), np.ones(len(xy))]
@@ -68,9 +79,8 @@ def pixel_to_ras(volume_node, xy):
     dict(spacing=(0.1, 0.1)),
     dict(spacing=(0.13, 0.07), origin=(25.0, -40.0, 3.0), direction=FLIP),
 ])
-def test_detect_writes_named_points_on_the_volume_geometry(ceph_dir, tmp_path, scene, truth, geometry):
+def test_detect_writes_named_points_on_the_volume_geometry(ceph_dir, tmp_path, scene, truth, geometry, logic):
     vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path, **geometry))
-    logic = LandmarksLogic(scene)
     node = logic.detect(vol)
     assert node.GetNumberOfControlPoints() == 19 and node.GetFixedNumberOfControlPoints()
     assert [node.GetNthControlPointLabel(i) for i in range(3)] == ["S", "N", "Or"]
@@ -90,9 +100,7 @@ def test_detect_writes_named_points_on_the_volume_geometry(ceph_dir, tmp_path, s
     assert [r["confidence"] for r in rows] == sorted(r["confidence"] for r in rows)
 
 
-def test_correction_is_recorded_kept_on_redetect_and_survives_save(ceph_dir, tmp_path, scene):
-    vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path))
-    logic = LandmarksLogic(scene)
+def test_correction_is_recorded_kept_on_redetect_and_survives_save(tmp_path, scene, vol, logic):
     node = logic.detect(vol)
     moved = np.array(node.GetNthControlPointPosition(4)) + [1.5, -2.0, 0.0]
     doubtful = [i for i in range(19) if not node.GetNthControlPointSelected(i)]
@@ -120,9 +128,8 @@ def test_correction_is_recorded_kept_on_redetect_and_survives_save(ceph_dir, tmp
     assert np.allclose(ras[4], moved, atol=1e-4)
 
 
-def test_export_writes_complete_valid_cases(ceph_dir, tmp_path, scene):
+def test_export_writes_complete_valid_cases(ceph_dir, tmp_path, scene, logic):
     out = tmp_path / "export"
-    logic = LandmarksLogic(scene)
     ras_moved = None
     for case, geometry in (("151", dict(spacing=(0.1, 0.1))),
                            ("152", dict(spacing=(0.12, 0.1), origin=(5.0, 6.0, 7.0), direction=FLIP))):
@@ -162,11 +169,10 @@ def test_export_writes_complete_valid_cases(ceph_dir, tmp_path, scene):
     assert not [p for p in (out / "cases").iterdir() if p.name.startswith(".")]
 
 
-def test_finetune_from_exported_cases(ceph_dir, tmp_path, scene):
+def test_finetune_from_exported_cases(ceph_dir, tmp_path, scene, logic):
     from MedSapiensLandmarksLib.logic import FinetuneJob
 
     out = tmp_path / "export"
-    logic = LandmarksLogic(scene)
     truth = {c.case_id: c.xy for c in read_landmark_csv(ceph_dir / "test1_senior.csv")}
     for case in ("153", "154", "155"):
         vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path, case))
@@ -324,9 +330,8 @@ def test_cancel_from_a_gui_never_blocks_on_a_tree_that_ignores_term(tmp_path):
     assert job.result()["status"] == "cancelled"
 
 
-def test_corrections_after_close_scene_are_recorded_on_the_reused_node_id(ceph_dir, tmp_path, scene):
+def test_corrections_after_close_scene_are_recorded_on_the_reused_node_id(ceph_dir, tmp_path, scene, logic):
     """File > Close Scene resets node IDs: the next patient's node gets the same ID."""
-    logic = LandmarksLogic(scene)
     first = logic.detect(load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path, "151")))
     first_id = first.GetID()
     scene.Clear(False)
@@ -345,10 +350,8 @@ def test_corrections_after_close_scene_are_recorded_on_the_reused_node_id(ceph_d
     logic.cleanup()
 
 
-def test_a_node_picked_by_the_user_is_observed(ceph_dir, tmp_path, scene):
+def test_a_node_picked_by_the_user_is_observed(tmp_path, scene, vol, logic):
     """A markups node that Detect did not create (selector, scene reload) still records drags."""
-    logic = LandmarksLogic(scene)
-    vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path))
     node = logic.detect(vol)
     storage = scene.AddNewNodeByClass("vtkMRMLMarkupsJsonStorageNode")
     storage.SetFileName(str(tmp_path / "saved.mrk.json"))
@@ -364,8 +367,7 @@ def test_a_node_picked_by_the_user_is_observed(ceph_dir, tmp_path, scene):
     assert corrected_flags(loaded) == [i == 2 for i in range(19)]
 
 
-def test_landmarks_follow_the_volume_parent_transform(ceph_dir, tmp_path, scene):
-    vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path))
+def test_landmarks_follow_the_volume_parent_transform(ceph_dir, scene, vol, logic):
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     matrix = vtk.vtkMatrix4x4()
     matrix.SetElement(0, 3, 40.0)
@@ -373,7 +375,6 @@ def test_landmarks_follow_the_volume_parent_transform(ceph_dir, tmp_path, scene)
     matrix.SetElement(0, 1, 0.2)  # a shear: no confusion with a plain offset
     transform.SetMatrixTransformToParent(matrix)
     vol.SetAndObserveTransformNodeID(transform.GetID())
-    logic = LandmarksLogic(scene)
     node = logic.detect(vol)
     assert node.GetTransformNodeID() == transform.GetID()
     # local point positions are the volume's local RAS; in the world both move together
@@ -398,7 +399,7 @@ def test_first_radiograph_volume_skips_label_maps(scene):
     assert first_radiograph_volume(scene) is rgb
 
 
-def test_rgb_vector_volume_is_detected(ceph_dir, tmp_path, scene):
+def test_rgb_vector_volume_is_detected(ceph_dir, scene, logic):
     """Slicer loads a colour PNG/JPEG as a vtkMRMLVectorVolumeNode: the panel must accept it."""
     itk = sitk.ReadImage(str(ceph_dir / "images" / "151.jpg"))
     gray = sitk.GetArrayFromImage(itk)
@@ -412,14 +413,13 @@ def test_rgb_vector_volume_is_detected(ceph_dir, tmp_path, scene):
     data.SetDimensions(rgb.shape[2], rgb.shape[1], 1)
     data.GetPointData().SetScalars(ns.numpy_to_vtk(rgb.reshape(-1, 3), deep=True))
     vol.SetAndObserveImageData(data)
-    logic = LandmarksLogic(scene)
     node = logic.detect(vol)
     lm = logic.detector().detect(read_image(ceph_dir / "images" / "151.jpg"))
     got = np.array([node.GetNthControlPointPosition(i) for i in range(19)])
     assert np.abs(got - pixel_to_ras(vol, lm.xy)).max() < 0.01
 
 
-def test_anatomy_of_an_official_multi_dataset_checkpoint_is_chosen_in_the_logic(ceph_dir, tmp_path, scene):
+def test_anatomy_of_an_official_multi_dataset_checkpoint_is_chosen_in_the_logic(tmp_path, vol, logic):
     from official_fixtures import head_state, pretrain_state, save_mmengine
 
     from MedSapiensLandmarksLib.errors import CheckpointError
@@ -427,8 +427,6 @@ def test_anatomy_of_an_official_multi_dataset_checkpoint_is_chosen_in_the_logic(
     full = {f"backbone.{k}": v for k, v in pretrain_state().items() if k != "cls_token"}
     ckpt = tmp_path / "multi.pth"
     save_mmengine(ckpt, {**full, **head_state(88)}, 88)
-    vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path))
-    logic = LandmarksLogic(scene)
     with pytest.raises(CheckpointError, match="choose the anatomy"):
         logic.detect(vol, model=str(ckpt))
     node = logic.detect(vol, model=str(ckpt), anatomy="chest")
@@ -437,11 +435,9 @@ def test_anatomy_of_an_official_multi_dataset_checkpoint_is_chosen_in_the_logic(
     assert logic.detector("default", anatomy="chest") is logic.detector("default")  # ours: ignored
 
 
-def test_measurements_follow_a_dragged_point_and_corrections_narrow_their_intervals(ceph_dir, tmp_path, scene):
+def test_measurements_follow_a_dragged_point_and_corrections_narrow_their_intervals(ceph_dir, vol, logic):
     from MedSapiensLandmarksLib import cephalometry
 
-    vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path))
-    logic = LandmarksLogic(scene)
     node = logic.detect(vol)
     rows = {r["key"]: r for r in logic.measurements(vol, node)}
     assert len(rows) == len(cephalometry.MEASUREMENTS)
@@ -464,11 +460,9 @@ def test_measurements_follow_a_dragged_point_and_corrections_narrow_their_interv
     assert (width < rows["Steiner SNB"]["high"] - rows["Steiner SNB"]["low"]) == (conf_b < 0.84)
 
 
-def test_tracing_lines_are_locked_follow_the_points_and_hide(ceph_dir, tmp_path, scene):
+def test_tracing_lines_are_locked_follow_the_points_and_hide(vol, logic):
     from MedSapiensLandmarksLib.cephalometry import TRACING_LINES
 
-    vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path))
-    logic = LandmarksLogic(scene)
     node = logic.detect(vol)
     assert logic.tracing(node, visible=False) == []  # hiding what was never drawn creates nothing
     lines = logic.tracing(node, visible=True)
@@ -482,14 +476,12 @@ def test_tracing_lines_are_locked_follow_the_points_and_hide(ceph_dir, tmp_path,
     assert not sn.GetDisplayNode().GetVisibility()
 
 
-def test_verdict_reaches_the_node_and_the_exported_report(ceph_dir, tmp_path, scene):
+def test_verdict_reaches_the_node_and_the_exported_report(ceph_dir, tmp_path, scene, vol, logic, hand_dir):
     import pypdfium2
 
     from MedSapiensLandmarksLib.cards import DEFAULT_MODEL
     from MedSapiensLandmarksLib.mrml import plausibility_warning
 
-    vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path))
-    logic = LandmarksLogic(scene)
     node = logic.detect(vol)
     assert plausibility_warning(node) == ""
     case = logic.export(vol, node, tmp_path / "export", report=True)
@@ -498,7 +490,7 @@ def test_verdict_reaches_the_node_and_the_exported_report(ceph_dir, tmp_path, sc
     text = pdf[0].get_textpage().get_text_range()
     assert "Steiner: SNA" in text and "not a medical device" in text and DEFAULT_MODEL in text
     hand = tmp_path / "hand.nrrd"
-    sitk.WriteImage(sitk.JoinSeries(sitk.ReadImage(str(ceph_dir.parent / "dha-hand" / "images" / "3143.jpg"))),
+    sitk.WriteImage(sitk.JoinSeries(sitk.ReadImage(str(hand_dir / "images" / "3143.jpg"))),
                     str(hand))
     hand_vol = load_volume(scene, hand)
     hand_node = logic.detect(hand_vol)

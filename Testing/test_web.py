@@ -70,7 +70,7 @@ def state(page, key):
 
 
 @needs_chromium
-def test_detect_drag_export_finetune_in_a_real_browser(server, ceph_dir, tmp_path):
+def test_detect_drag_export_finetune_in_a_real_browser(server, ceph_dir, tmp_path, hand_dir):
     from playwright.sync_api import sync_playwright
 
     url, export = server
@@ -133,7 +133,7 @@ def test_detect_drag_export_finetune_in_a_real_browser(server, ceph_dir, tmp_pat
         assert json.loads((export / "dataset.json").read_text())["cases"][0]["corrected"] == 1
         # a second image in the same page (a hand radiograph with the cephalometric model): it
         # loads, and the page says it does not look like a cephalogram, above the table
-        page.set_input_files("input[type=file]", str(ceph_dir.parent / "dha-hand" / "images" / "3143.jpg"))
+        page.set_input_files("input[type=file]", str(hand_dir / "images" / "3143.jpg"))
         page.wait_for_function("document.querySelector('#status').innerText.startsWith('3143.jpg')",
                                timeout=30_000)
         page.click("#detect")
@@ -178,6 +178,8 @@ def _get(url):
             return r.status
     except urllib.error.HTTPError as err:
         return err.code
+    except urllib.error.URLError:  # not listening yet
+        return None
 
 
 @needs_chromium
@@ -251,3 +253,43 @@ def test_serve_binds_loopback_unless_told_otherwise(capsys):
 
     assert main(["serve", "--host", "0.0.0.0", "--port", "1"]) == 2
     assert "--allow-remote" in capsys.readouterr().err
+
+
+def test_off_loopback_without_a_token_one_is_generated_printed_once_and_required_everywhere(tmp_path):
+    """`serve --host 0.0.0.0 --allow-remote` without --token: the address it prints holds a new
+    random token; without it no path answers (no session is started: nothing is loaded)."""
+    import re
+    import urllib.error
+    import urllib.request
+
+    port = free_port()
+    (tmp_path / "tmp").mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "MedSapiensLandmarksLib.cli", "serve", "--host", "0.0.0.0",
+                             "--allow-remote", "--port", str(port), "--export-dir", str(tmp_path / "cases")],
+                            cwd=ROOT / "MedSapiensLandmarks", stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+    try:
+        line = proc.stdout.readline()
+        found = re.search(r"\?token=([A-Za-z0-9_-]+) ", line)
+        assert found and len(found.group(1)) >= 32, line  # 24 random bytes, URL-safe
+        token = found.group(1)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while _get(base + "/") is None and time.time() < deadline:
+            time.sleep(0.3)
+        for path in ("/", "/index.html", "/ws", "/static/app.js", f"/?token={token[:-1]}x"):
+            assert _get(base + path) == 403, path
+        opener = urllib.request.build_opener(type("NoRedirect", (urllib.request.HTTPRedirectHandler,),
+                                                  {"redirect_request": lambda *a, **k: None}))
+        try:
+            opener.open(f"{base}/?token={token}", timeout=120)
+            status, cookie = 200, ""
+        except urllib.error.HTTPError as err:
+            status, cookie = err.code, err.headers.get("Set-Cookie", "")
+        assert status == 302 and "HttpOnly" in cookie  # the right token: a session, the token dropped
+        proc.terminate()
+        rest = proc.communicate(timeout=30)[0]
+        assert token not in rest  # printed once
+    finally:
+        if proc.poll() is None:
+            proc.kill()
