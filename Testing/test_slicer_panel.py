@@ -171,7 +171,8 @@ def test_points_marked_missing_travel_through_markups_export_training_and_analys
     assert np.isnan(rows["Steiner SNA"]["value"]) and rows["Steiner SNA"]["note"] == "undefined: A marked missing"
     assert rows["Steiner ANB"]["note"] == "undefined: A, B marked missing"
     assert np.isfinite(rows["Steiner SN-GoGn"]["value"])
-    case = logic.export(vol, node, tmp_path / "out")
+    case = logic.export(vol, node, tmp_path / "out", report=True)  # the report leaves them out too
+    assert (case / "report.pdf").stat().st_size > 10_000
     doc = json.loads((case / "landmarks.mrk.json").read_text())
     status = [p["positionStatus"] for p in doc["markups"][0]["controlPoints"]]
     assert status[4] == "missing" and status[5] == "undefined" and status.count("defined") == 17

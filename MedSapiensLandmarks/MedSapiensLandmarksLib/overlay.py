@@ -54,6 +54,8 @@ def render_overlay(image: Radiograph, lm: Landmarks, max_side: int = 2000,
             draw.line([(x - r, y), (x + r, y)], fill=CYAN, width=2)
             draw.line([(x, y - r), (x, y + r)], fill=CYAN, width=2)
     for i, p in enumerate(lm.xy):
+        if not np.isfinite(p).all():  # marked missing: nothing to draw
+            continue
         x, y = at(p)
         colour = confidence_colour(float(lm.confidence[i]))
         draw.ellipse([x - r, y - r, x + r, y + r], outline=colour, width=max(2, r // 3))

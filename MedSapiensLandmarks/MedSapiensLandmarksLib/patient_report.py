@@ -72,15 +72,18 @@ def render_report(image: Radiograph, lm: Landmarks, corrected: Sequence[bool] | 
     ax.axis("off")
     if analyses:
         for a, b in TRACING_LINES.values():
-            if a in lm.names and b in lm.names:
+            if a in lm.names and b in lm.names:  # a line with a missing end is not drawn (NaN)
                 p, q = lm.xy[lm.names.index(a)], lm.xy[lm.names.index(b)]
                 ax.plot([p[0], q[0]], [p[1], q[1]], color="#3fa7ff", lw=0.6)
+    present = np.isfinite(lm.xy).all(1)
     for i, (x, y) in enumerate(lm.xy):
+        if not present[i]:  # marked missing by the clinician
+            continue
         colour = "#22cc44" if corrected[i] or lm.confidence[i] >= LOW_CONFIDENCE else "#ff3030"
         ax.plot(x, y, "o", ms=3.5, mfc="none", mec=colour, mew=0.9)
         ax.text(x + 25 * step, y, str(i + 1), color=colour, fontsize=5.5)
-    rows = [[str(i + 1), lm.names[i], f"{lm.confidence[i]:.2f}", "yes" if corrected[i] else ""]
-            for i in range(len(lm))]
+    rows = [[str(i + 1), lm.names[i], f"{lm.confidence[i]:.2f}",
+             "missing" if not present[i] else "yes" if corrected[i] else ""] for i in range(len(lm))]
     colours = ["" if corrected[i] or lm.confidence[i] >= LOW_CONFIDENCE else "#cc0000" for i in range(len(lm))]
     _table(fig.add_axes((0.58, 0.50, 0.39, 0.42)), rows, ["#", "landmark", "confidence", "corrected"],
            [0.1, 0.3, 0.3, 0.3], colours, 6.5 if len(lm) <= 25 else 4.5)
