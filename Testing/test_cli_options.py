@@ -131,3 +131,12 @@ def test_no_flip_turns_an_official_checkpoints_flip_test_off(tmp_path):
                 pretrain=None, flip=False)
     assert load_detector(argparse.Namespace(**args, no_flip=False)).card["coarse"]["input"]["flip_test"] is True
     assert load_detector(argparse.Namespace(**args, no_flip=True)).card["coarse"]["input"]["flip_test"] is False
+
+
+@pytest.mark.parametrize("spacing", ["nan", "1e308", "0", "-0.1"])
+def test_a_spacing_no_radiograph_has_is_refused_in_one_line(ceph_dir, tmp_path, capsys, spacing):
+    assert main(["detect", str(ceph_dir / "images" / "151.jpg"), "-o", str(tmp_path), "--spacing", spacing,
+                 "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "outside 0.01-10 mm per pixel" in err[0]
+    assert not list(tmp_path.glob("*.mrk.json"))

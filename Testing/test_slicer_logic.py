@@ -495,3 +495,26 @@ def test_verdict_reaches_the_node_and_the_exported_report(ceph_dir, tmp_path, sc
     hand_vol = load_volume(scene, hand)
     hand_node = logic.detect(hand_vol)
     assert plausibility_warning(hand_node).startswith("does not look like a lateral cephalogram")
+
+
+def test_case_ids_follow_one_rule_and_export_never_renames(tmp_path):
+    from MedSapiensLandmarksLib.export import export_case
+    from MedSapiensLandmarksLib.imageio import Radiograph
+    from MedSapiensLandmarksLib.landmarks import Landmarks
+
+    img = Radiograph(np.full((200, 160), 100, np.uint8), np.array([[0.1, 0, 0], [0, 0.1, 0], [0, 0, 0.0]]), True)
+    xy = np.array([[50.0, 60.0], [70.0, 80.0]])
+    lm = Landmarks(["P1", "P2"], ["p", "p"], xy, img.to_lps(xy), np.ones(2))
+    root = tmp_path / "cases"
+    for bad in ("x.previous-1", "x\n", "", ".hidden", "a/b", "a" * 101, "Röntgen"):
+        with pytest.raises(ExportError, match="use 1-100 letters, digits"):
+            export_case(root, bad, img, lm, [False, False])
+    assert not root.exists() or not any((root / "cases").iterdir())  # nothing written
+    export_case(root, "x", img, lm, [False, False])
+    export_case(root, "x", img, lm, [True, False], overwrite=True)  # the old one kept aside
+    export_case(root, "y.v2_final-3", img, lm, [False, False])
+    ids = [c["id"] for c in json.loads((root / "dataset.json").read_text())["cases"]]
+    assert ids == ["x", "y.v2_final-3"]
+    assert sorted(p.name for p in (root / "cases").iterdir()) == ["x", "x.previous-1", "y.v2_final-3"]
+    cases, _ = read_cases(root)
+    assert [c.case_id for c in cases] == ["x", "y.v2_final-3"]

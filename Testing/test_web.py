@@ -233,7 +233,7 @@ def test_two_people_each_see_only_their_own_patient(tmp_path, ceph_dir):
 
 
 @pytest.mark.parametrize("name", ["../etc/passwd.png", "a/b.png", "..png", ".hidden.png", "x.exe",
-                                  "notes.txt", "C:\\evil.png", ""])
+                                  "notes.txt", "C:\\evil.png", "", "a\nb.png", "_x.png"])
 def test_upload_names_that_are_paths_or_not_images_are_refused(name):
     from MedSapiensLandmarksLib.web import UploadError, safe_upload_name
 
@@ -244,7 +244,8 @@ def test_upload_names_that_are_paths_or_not_images_are_refused(name):
 def test_upload_names_of_images_pass():
     from MedSapiensLandmarksLib.web import safe_upload_name
 
-    for name in ("151.jpg", "case 7.PNG", "scan.nii.gz", "ceph-01.dcm"):
+    for name in ("151.jpg", "case 7.PNG", "scan.nii.gz", "ceph-01.dcm", "scan..v2.jpg", "Röntgen.jpg",
+                 "patient (2).png"):
         assert safe_upload_name(name) == name
 
 
@@ -293,3 +294,38 @@ def test_off_loopback_without_a_token_one_is_generated_printed_once_and_required
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_other_sites_and_embedded_requests_get_nothing_and_start_no_worker(tmp_path):
+    """A page of another port or site (Origin), a DNS-rebinding name (Host), an <img> pointing at
+    the server (Sec-Fetch-Dest: image): each is refused before any session worker starts."""
+    import http.client
+
+    proc, url, _export = start_server(tmp_path)
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+
+    def get(headers, path="/"):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.putrequest("GET", path, skip_host="Host" in headers)
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        response = conn.getresponse()
+        body = response.read().decode()
+        conn.close()
+        return response.status, body
+
+    try:
+        status, body = get({"Origin": f"http://127.0.0.1:{port + 1}"})
+        assert status == 403 and "another site" in body
+        status, body = get({"Host": f"attacker.example:{port}"})
+        assert status == 403 and "is not this server" in body
+        status, body = get({"Sec-Fetch-Dest": "image", "Sec-Fetch-Mode": "no-cors"})
+        assert status == 403 and "open the page first" in body
+        status, body = get({"Origin": f"http://127.0.0.1:{port}", "Sec-Fetch-Dest": "empty",
+                            "Sec-Fetch-Mode": "cors"}, "/index.html")  # a fetch() of the same site
+        assert status == 403
+        assert not list((tmp_path / "tmp").glob("medsapiens-uploads-*/*"))  # no session was started
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

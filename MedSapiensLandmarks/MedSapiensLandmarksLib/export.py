@@ -36,7 +36,7 @@ from .landmarks import Landmarks
 from .markups import read_markups, write_markups, write_text
 
 INDEX_FORMAT = "medsapiens-landmarks-cases/1"
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _PREVIOUS = re.compile(r"^(.+)\.previous-(\d+)$")
 CASE_FILES = ("image.nrrd", "landmarks.mrk.json")
 _CONFIDENCE = re.compile(r" \(confidence [0-9.]+\)$")
@@ -44,6 +44,16 @@ _CONFIDENCE = re.compile(r" \(confidence [0-9.]+\)$")
 
 class ExportError(ValueError):
     """A case that cannot be exported; nothing was written."""
+
+
+def check_case_id(case_id: str) -> str:
+    """The one rule for case ids (panel, web page, CLI): 1-100 letters, digits, '.', '_' or
+    '-', starting with a letter or digit, not ending in ``.previous-<n>`` (the name a replaced
+    case is kept under). Nothing is ever renamed to fit."""
+    if not _SAFE_ID.fullmatch(case_id) or _PREVIOUS.fullmatch(case_id):
+        raise ExportError(f"case id {case_id!r}: use 1-100 letters, digits, '.', '_' or '-', starting with a "
+                          f"letter or digit and not ending in '.previous-<n>'")
+    return case_id
 
 
 def radiograph_to_itk(image: Radiograph) -> sitk.Image:
@@ -120,8 +130,7 @@ def export_case(root: str | Path, case_id: str, image: Radiograph, lm: Landmarks
 
     ``extra(folder)`` writes more files into the case (a report) before it is put in place."""
     root = Path(root)
-    if not _SAFE_ID.match(case_id):
-        raise ExportError(f"case id {case_id!r}: use letters, digits, '.', '_' or '-' (max 100)")
+    check_case_id(case_id)
     if len(corrected) != len(lm):
         raise ExportError(f"{len(corrected)} corrected flags for {len(lm)} landmarks")
     index = _read_index(root)

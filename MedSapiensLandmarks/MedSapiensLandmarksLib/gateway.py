@@ -52,8 +52,9 @@ class Gateway:
 
     def __init__(self, export_dir: str | Path, model: str = "default", token: str | None = None,
                  max_sessions: int = 4, idle_s: float = 120.0, start_timeout_s: float = 180.0,
-                 anatomy: str | None = None) -> None:
+                 anatomy: str | None = None, loopback: bool = True) -> None:
         self.export_dir = Path(export_dir).resolve()
+        self.loopback = loopback  # bound to loopback only: the Host must name it
         self.model, self.token, self.max_sessions, self.anatomy = model, token, max_sessions, anatomy
         self.idle_s, self.start_timeout_s = idle_s, start_timeout_s
         self.sessions: dict[str, Session] = {}
@@ -110,6 +111,26 @@ class Gateway:
         shutil.rmtree(self.uploads_root, ignore_errors=True)
 
     # -- requests ------------------------------------------------------------------------
+    def cross_site(self, request: Any) -> str:
+        """Why a request is refused as coming from another site ("" when it is not): a Host that
+        is not this server's loopback name (DNS rebinding), or an Origin other than the Host
+        (a page of another port or site, using the user's cookie)."""
+        host = request.headers.get("Host", "")
+        if self.loopback and host.rsplit(":", 1)[0].strip("[]") not in LOOPBACK:
+            return f"host {host!r} is not this server"
+        origin = request.headers.get("Origin")
+        if origin is not None and origin != f"{request.scheme}://{host}":
+            return f"origin {origin!r} is another site"
+        return ""
+
+    @staticmethod
+    def page_load(request: Any) -> bool:
+        """A top-level page load (what may start a session): not an <img>, script or fetch
+        (browsers say so in Sec-Fetch-Dest / Sec-Fetch-Mode)."""
+        return (request.method == "GET" and request.path in ("/", "/index.html")
+                and request.headers.get("Sec-Fetch-Dest", "document") == "document"
+                and request.headers.get("Sec-Fetch-Mode", "navigate") == "navigate")
+
     def _token_ok(self, request: Any) -> bool:
         given = request.query.get("token", "")
         return self.token is None or hmac.compare_digest(given.encode(), self.token.encode())
@@ -117,12 +138,15 @@ class Gateway:
     async def handle(self, request: Any) -> Any:
         from aiohttp import web
 
+        refused = self.cross_site(request)
+        if refused:
+            return web.Response(status=403, text=f"Cross-site request refused: {refused}.\n")
         session = self.sessions.get(request.cookies.get(COOKIE, ""))
         if session is None:
             if not self._token_ok(request):
                 return web.Response(status=403, text="Access token required: open the address the "
                                     "server printed when it started (…/?token=…).\n")
-            if request.path not in ("/", "/index.html") or request.method != "GET":
+            if not self.page_load(request):
                 return web.Response(status=403, text="No session: open the page first.\n")
             async with self._lock:
                 if len(self.sessions) >= self.max_sessions:
@@ -209,7 +233,8 @@ def serve(host: str = "127.0.0.1", port: int = 8080, export_dir: str = "medsapie
 
     if token is None and host not in LOOPBACK:
         token = secrets.token_urlsafe(24)
-    gateway = Gateway(export_dir, model, token, max_sessions, idle_s, anatomy=anatomy)
+    gateway = Gateway(export_dir, model, token, max_sessions, idle_s, anatomy=anatomy,
+                      loopback=host in LOOPBACK)
     query = f"?token={token}" if token else ""
     print(f"MedSapiens Landmarks: open http://{host}:{port}/{query} "
           f"(up to {max_sessions} sessions; exports under {gateway.export_dir})", flush=True)

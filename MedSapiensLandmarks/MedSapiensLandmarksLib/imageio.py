@@ -19,6 +19,7 @@ import SimpleITK as sitk
 # Formats whose files carry no physical spacing (SimpleITK reports 1.0).
 PLAIN_FORMATS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 MAX_PIXELS = 100_000_000
+SPACING_RANGE_MM = (0.01, 10.0)  # what a pixel of a radiograph can measure
 # File signatures -> ITK reader, for files whose extension does not match their content.
 MAGIC = [(b"\xff\xd8\xff", "JPEGImageIO"), (b"\x89PNG\r\n\x1a\n", "PNGImageIO"),
          (b"II*\x00", "TIFFImageIO"), (b"MM\x00*", "TIFFImageIO"), (b"BM", "BMPImageIO")]
@@ -64,12 +65,24 @@ class Radiograph:
     def with_spacing(self, spacing: float | tuple[float, float]) -> "Radiograph":
         """Same image with the in-plane pixel size replaced (directions kept)."""
         sx, sy = (spacing, spacing) if np.isscalar(spacing) else spacing
-        if sx <= 0 or sy <= 0:
-            raise ImageError(f"spacing must be positive, got {spacing}")
+        check_spacing(sx), check_spacing(sy)
         a = self.pixel_to_lps.copy()
         a[:, 0] *= sx / np.linalg.norm(a[:, 0])
         a[:, 1] *= sy / np.linalg.norm(a[:, 1])
         return Radiograph(self.pixels, a, True, self.path, "user")
+
+
+def check_spacing(mm: float) -> float:
+    """A pixel spacing a radiograph can have: finite, 0.01 to 10 mm (ImageError otherwise; a
+    huge value hangs ITK's resampling, NaN would be written as 1 mm)."""
+    try:
+        value = float(mm)
+    except (TypeError, ValueError):
+        raise ImageError(f"pixel spacing {mm!r} is not a number (mm per pixel)") from None
+    if not (SPACING_RANGE_MM[0] <= value <= SPACING_RANGE_MM[1]):  # False for NaN
+        raise ImageError(f"pixel spacing {mm!r} mm is outside {SPACING_RANGE_MM[0]:g}-{SPACING_RANGE_MM[1]:g} mm "
+                         f"per pixel")
+    return value
 
 
 def read_image(path: str | Path, spacing: float | None = None, slice_index: int | None = None,

@@ -17,7 +17,7 @@ import numpy as np
 import slicer
 import vtk
 
-from .imageio import PLAIN_FORMATS, Radiograph, slice_volume
+from .imageio import PLAIN_FORMATS, Radiograph, check_spacing, slice_volume
 from .landmarks import Landmarks
 from .markups import LOW_CONFIDENCE, describe
 
@@ -127,9 +127,7 @@ def set_volume_spacing(scene: Any, volume_node: Any, mm: float | tuple[float, fl
     """Give the volume an in-plane spacing of ``mm`` (one value, or columns x rows; origin and
     directions kept), and move its landmark list's points with the pixels they sit on (not
     corrections)."""
-    sx, sy = (mm, mm) if np.isscalar(mm) else mm
-    if not (np.isfinite(sx) and np.isfinite(sy)) or sx <= 0 or sy <= 0:
-        raise ValueError(f"pixel spacing must be a positive number of mm, got {mm}")
+    sx, sy = (check_spacing(v) for v in ((mm, mm) if np.isscalar(mm) else mm))
     node = volume_landmarks(scene, volume_node)
     before = ijk_to_ras(volume_node)
     old = volume_node.GetSpacing()

@@ -28,7 +28,7 @@ from .mrml import ATTR_SPACING, ijk_to_ras, plausibility_warning, spacing_text, 
 from .panel import PanelController, finetune_outcome
 
 MAX_UPLOAD_BYTES = 200 * 1024 * 1024
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,150}$")
+_SAFE_NAME = re.compile(r"[^\W_][\w .()+-]{0,150}")  # letters of any script, no separators
 
 
 class UploadError(ValueError):
@@ -37,8 +37,8 @@ class UploadError(ValueError):
 
 def safe_upload_name(name: str) -> str:
     """The file name of an upload, refused when it is a path, hidden, or not an image type."""
-    if "/" in name or "\\" in name or ".." in name or not _SAFE_NAME.match(name):
-        raise UploadError(f"{name!r}: refused file name (plain names only, no folders)")
+    if "/" in name or "\\" in name or not _SAFE_NAME.fullmatch(name):
+        raise UploadError(f"{name!r}: refused file name (a plain file name: no folders, no hidden files)")
     if Path(name).suffix.lower() not in IMAGE_SUFFIXES:  # the rule `detect` uses on folders
         raise UploadError(f"{name!r}: not an image type ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return name
