@@ -22,9 +22,10 @@ BLOCK = textwrap.dedent("""
     sys.meta_path.insert(0, NoTorch())
     sys.path[:0] = [%r, %r]
 """) % (str(ROOT / "MedSapiensLandmarks"), str(ROOT / "Testing"))
-LIGHT = ["analysis", "atomic", "backends", "batch", "bench", "calibration", "cards", "cli", "codec", "datasets",
-         "detector", "errors", "evaluation", "export", "gateway", "imageio", "inputs", "install", "landmarks",
-         "loading", "logic", "markups", "metrics", "mrml", "overlay", "panel", "report", "weights", "web"]
+LIGHT = ["adaptation", "analysis", "atomic", "backends", "batch", "bench", "calibration", "cards", "cli", "codec",
+         "datasets", "detector", "errors", "evaluation", "export", "gateway", "imageio", "inputs", "install",
+         "landmarks", "loading", "logic", "markups", "metrics", "mrml", "overlay", "panel", "report", "site_model",
+         "weights", "web"]
 TORCH = ["checkpoints", "model", "official", "onnx_io", "training"]
 
 

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import vtk
 
-from MedSapiensLandmarksLib import atomic, cephalometry
-from MedSapiensLandmarksLib.datasets import Case, read_landmark_csv
+from MedSapiensLandmarksLib import atomic
+from MedSapiensLandmarksLib.datasets import read_landmark_csv
 from MedSapiensLandmarksLib.export import read_cases
 from MedSapiensLandmarksLib.logic import LandmarksLogic
 from MedSapiensLandmarksLib.markups import read_markups

@@ -72,13 +72,22 @@ def read_card(path: Path) -> dict[str, Any]:
     return card
 
 
+def base_card_path(card: dict[str, Any]) -> Path:
+    """The card whose graphs an adapted model (``adapt``: a card with ``"base"``) runs."""
+    path = resolve(card["base"])
+    if "base" in read_card(path):
+        raise CheckpointError(f"{path}: the base of an adapted model must not be adapted itself")
+    return path
+
+
 def graph_paths(card: dict[str, Any], card_path: Path) -> dict[str, Path]:
     """Stage -> ONNX file of a format-2 card, each checked to exist."""
     graphs = card["graphs"]
     if not isinstance(graphs, dict) or "coarse" not in graphs or set(graphs) - set(STAGES):
         raise CheckpointError(f"{card_path}: 'graphs' must map stages ({', '.join(STAGES)}) to "
                               f".onnx files, with 'coarse' among them")
-    paths = {stage: card_path.parent / graphs[stage] for stage in STAGES if stage in graphs}
+    root = base_card_path(card).parent if "base" in card else card_path.parent  # an adapted model's
+    paths = {stage: root / graphs[stage] for stage in STAGES if stage in graphs}
     for stage, path in paths.items():
         if stage not in card:
             raise CheckpointError(f"{card_path}: graph for stage '{stage}' but no '{stage}' entry")

@@ -216,19 +216,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .datasets import read_landmark_csv
     from .detector import Detector
-    from .export import read_cases
     from .landmarks import CEPH_19, HAND_37, numbered
     from .markups import write_text
     from .training import RECIPES, TrainConfig, fit, mean_radial_error, recipe
 
-    if bool(args.csv) == bool(args.cases):
-        raise UsageError("give exactly one of --csv (ISBI-style CSV) or --cases (export folder)")
-    if args.cases:
-        cases, names = read_cases(args.cases)
-    else:
-        cases = read_landmark_csv(args.csv, args.images, spacing=args.spacing)
-        if args.split:
-            cases = [c for c in cases if c.split == args.split]
+    cases, names = read_training_cases(args)
+    if not args.cases:
         if args.ids:
             text = Path(args.ids[1:]).read_text() if args.ids.startswith("@") else args.ids
             wanted = [i.strip() for i in text.replace("\n", ",").split(",") if i.strip()]
@@ -281,6 +274,40 @@ def cmd_train(args: argparse.Namespace) -> int:
     if init is not None:
         write_text(Path(args.output) / "finetune.json", json.dumps(report, indent=2) + "\n")
         print("finetune: " + json.dumps(report))
+    return 0
+
+
+def read_training_cases(args: argparse.Namespace) -> tuple[list, list[tuple[str, str]] | None]:
+    """Cases of ``--csv`` (with ``--images``, ``--spacing``, ``--split``) or of ``--cases``."""
+    from .datasets import read_landmark_csv
+    from .export import read_cases
+
+    if bool(args.csv) == bool(args.cases):
+        raise UsageError("give exactly one of --csv (ISBI-style CSV) or --cases (export folder)")
+    if args.cases:
+        return read_cases(args.cases)
+    cases = read_landmark_csv(args.csv, args.images, spacing=args.spacing)
+    return [c for c in cases if not args.split or c.split == args.split], None
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from .site_model import base_model, fit_site, write_site_model
+
+    cases, _ = read_training_cases(args)
+    base = base_model(args.model)  # refitting an adapted model starts from its base again
+    det = load_detector(argparse.Namespace(**{**vars(args), "model": base}))
+    try:
+        layer, warnings = fit_site(det, cases, args.frame, args.shrink)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    for line in warnings:
+        print(line, file=sys.stderr)
+    path = write_site_model(base, layer, args.output)
+    size = np.linalg.norm(layer.offsets, axis=1)
+    top = ", ".join(f"{det.names[i]} {size[i]:.3g}" for i in np.argsort(-size)[:3])
+    unit = "|S-N|" if layer.frame == "sn" else "mm"
+    print(f"adapted {base} to {len(layer.cases)} cases of this site (frame {layer.frame}, shrink "
+          f"{layer.shrink:g}); largest offsets ({unit}): {top}; model written: {path}")
     return 0
 
 
@@ -338,6 +365,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .adaptation import DEFAULT_SHRINK, FRAMES
+
     p = argparse.ArgumentParser(prog="medsapiens-landmarks",
                                 description="Anatomical landmark detection on radiographs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -430,6 +459,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--train-split", default=None, help="rows of this split when the card lists none")
     model_opts(c)
     c.set_defaults(func=cmd_calibrate)
+
+    a = sub.add_parser("adapt", help="learn a site's convention from its corrected cases (no training)")
+    a.add_argument("--csv", default=None, help="ISBI-style landmark CSV of the site's corrected cases")
+    a.add_argument("--cases", default=None, help="export folder (dataset.json) from Slicer/export")
+    a.add_argument("--images", default=None)
+    a.add_argument("--split", default=None, help="keep rows of this split")
+    a.add_argument("--spacing", type=float, default=None, help="mm per pixel of the CSV's images")
+    a.add_argument("-o", "--output", required=True, help="adapted model folder to write (a card only)")
+    a.add_argument("--frame", choices=FRAMES, default=None,
+                   help="offset frame: sn (S-N, default when the model has S and N) or mm")
+    a.add_argument("--shrink", type=float, default=DEFAULT_SHRINK,
+                   help=f"pseudo-cases of no offset (default {DEFAULT_SHRINK:g}): few cases move points part way")
+    model_opts(a)
+    a.set_defaults(func=cmd_adapt)
 
     b = sub.add_parser("bench", help="time each stage of detection on one image")
     b.add_argument("image")

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .adaptation import SiteLayer, apply_layer
 from .backends import Backend
 from .calibration import apply as calibrated
 from .calibration import error_model
@@ -35,6 +36,8 @@ class Detector:
         self.timings: dict[str, float] = {}
         shape = card.get("shape")
         self.shape = ShapeModel(shape) if shape and "thresholds" in shape else None
+        site = card.get("site_layer")  # `adapt`: how one clinic places the points
+        self.site = SiteLayer.from_json(site) if site else None
 
     @classmethod
     def load(cls, model: str | Path = "default", device: str | None = None,
@@ -137,6 +140,9 @@ class Detector:
                 if not meta["plausibility"]["plausible"]:
                     meta["plausibility"]["warning"] = warning_text(self.card, meta["plausibility"])
                 meta["shape_deviation"] = self.shape.point_deviation(xy)[0]
+            if self.site is not None:  # after the checks: they judge the model's own points
+                xy = apply_layer(xy, image.spacing, self.names, self.site)
+                meta["site_layer"] = {"cases": len(self.site.cases), "frame": self.site.frame}
             # confidence: P(within 2 mm) when the card is calibrated, else the network's own
             results.append(Landmarks(list(self.names), list(self.descriptions), xy, image.to_lps(xy),
                                      calibrated(self.card.get("calibration"), c), meta))

@@ -1,0 +1,80 @@
+"""Site convention layer: how one clinic places each landmark relative to the model, learned
+from its corrected cases without training, and applied to every detection.
+
+Per landmark, the mean of (clinician - model) over the site's cases, expressed in a frame:
+
+- ``"mm"``: millimetres along the image axes (needs the pixel spacing);
+- ``"sn"``: the S-N frame of the image's own detected sella and nasion (x along S->N, y
+  perpendicular, unit |S-N|), which follows head size, rotation and pixel size.
+
+The mean is shrunk toward zero with ``shrink`` pseudo-cases: offset = sum / (n + shrink), so a
+handful of cases moves the points part of the way. Points marked missing (NaN) are left out, and
+so are corrections longer than ``clip_mm`` (a failed detection put right, not a convention).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+FRAMES = ("mm", "sn")
+DEFAULT_SHRINK = 0.5  # chosen on the proxy site (docs/benchmarks.md, "Site convention layer")
+CLIP_MM = 10.0  # longer corrections are failures put right, not how the site places a point
+
+
+@dataclass
+class SiteLayer:
+    frame: str
+    offsets: np.ndarray  # (K, 2) in frame units
+    shrink: float
+    cases: list[str] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)  # cases per landmark (missing points left out)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"frame": self.frame, "offsets": np.round(self.offsets, 6).tolist(), "shrink": self.shrink,
+                "cases": list(self.cases), "counts": list(self.counts)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "SiteLayer":
+        return cls(data["frame"], np.asarray(data["offsets"], dtype=np.float64), float(data["shrink"]),
+                   list(data.get("cases", [])), list(data.get("counts", [])))
+
+
+def basis(xy: np.ndarray, spacing: tuple[float, float], names: Sequence[str], frame: str) -> np.ndarray:
+    """(2, 2) matrix taking a frame offset to a pixel offset for one image's points."""
+    if frame == "mm":
+        return np.diag([1.0 / spacing[0], 1.0 / spacing[1]])
+    if frame == "sn":
+        if "S" not in names or "N" not in names:
+            raise ValueError("the S-N frame needs landmarks named S and N")
+        e1 = xy[list(names).index("N")] - xy[list(names).index("S")]
+        return np.c_[e1, [-e1[1], e1[0]]]
+    raise ValueError(f"unknown frame {frame!r}; known: {', '.join(FRAMES)}")
+
+
+def fit_layer(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], spacings: Sequence[tuple[float, float]],
+              names: Sequence[str], frame: str = "sn", shrink: float = 1.0,
+              cases: Sequence[str] = (), clip_mm: float = CLIP_MM) -> SiteLayer:
+    """The layer from the model's detections and the site's corrected points (pixels)."""
+    if not preds:
+        raise ValueError("no corrected cases to adapt to")
+    k = len(names)
+    total, count = np.zeros((k, 2)), np.zeros(k, dtype=int)
+    for pred, truth, spacing in zip(preds, truths, spacings):
+        if pred.shape != (k, 2) or np.shape(truth) != (k, 2):
+            raise ValueError(f"a case has {len(truth)} landmarks, the model {k}")
+        moved = np.asarray(truth, float) - pred
+        d = moved @ np.linalg.inv(basis(pred, spacing, names, frame)).T
+        with np.errstate(invalid="ignore"):
+            ok = np.isfinite(d).all(1) & (np.linalg.norm(moved * spacing, axis=1) <= clip_mm)
+        total[ok] += d[ok]
+        count += ok
+    offsets = total / (count + shrink)[:, None]
+    offsets[count == 0] = 0.0
+    return SiteLayer(frame, offsets, float(shrink), list(cases), count.tolist())
+
+
+def apply_layer(xy: np.ndarray, spacing: tuple[float, float], names: Sequence[str], layer: SiteLayer) -> np.ndarray:
+    """The detection moved by the site's offsets (pixels in, pixels out)."""
+    return xy + layer.offsets @ basis(xy, spacing, names, layer.frame).T

@@ -1,0 +1,79 @@
+"""An adapted model: a base model's graphs + a site convention layer fitted on corrected cases.
+
+The folder holds only ``model.json`` (``"base"`` names the model whose graphs it runs), so it
+adds nothing to the base model's size; refitting replaces it in one step (never half-written).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from .adaptation import DEFAULT_SHRINK, SiteLayer, fit_layer
+from .cards import ALIASES, models_dir, resolve
+from .datasets import Case
+from .detector import Detector
+from .imageio import ImageError, read_image
+
+
+
+def base_model(model: str) -> str:
+    """The model whose detections a layer is fitted to: an adapted model's base, else itself."""
+    card = json.loads(resolve(model).read_text())
+    return card.get("base", model)
+
+
+def fit_site(det: Detector, cases: Sequence[Case], frame: str | None = None,
+             shrink: float = DEFAULT_SHRINK) -> tuple[SiteLayer, list[str]]:
+    """Fit the layer of ``det``'s detections (without any layer) to the cases; returns it and
+    one warning per case left out (an unreadable image)."""
+    if not cases:
+        raise ValueError("no corrected cases to adapt to")
+    # the S-N frame where the landmarks have S and N (independent of pixel spacing, head size
+    # and rotation; as good as mm on the proxy site), else mm
+    frame = frame or ("sn" if {"S", "N"} <= set(det.names) else "mm")
+    site, det.site = det.site, None
+    preds, truths, spacings, ids, warnings = [], [], [], [], []
+    try:
+        for case in cases:
+            if len(case.xy) != len(det.names):
+                raise ValueError(f"case {case.case_id} has {len(case.xy)} landmarks, the model "
+                                 f"{len(det.names)}: adapt needs the model's landmark set")
+            try:
+                image = read_image(case.image, spacing=case.spacing)
+            except ImageError as err:
+                warnings.append(f"warning: case {case.case_id} left out: {err}")
+                continue
+            preds.append(det.detect(image).xy)
+            truths.append(case.xy)
+            spacings.append(image.spacing)
+            ids.append(case.case_id)
+    finally:
+        det.site = site
+    if not preds:
+        raise ValueError("none of the cases could be read: nothing to adapt to")
+    return fit_layer(preds, truths, spacings, det.names, frame, shrink, ids), warnings
+
+
+def write_site_model(base: str, layer: SiteLayer, out: str | Path) -> Path:
+    """``out/model.json``: the base card with the layer and the base named (graphs not copied)."""
+    base_path = resolve(base)
+    card = json.loads(base_path.read_text())
+    shipped = ALIASES.get(str(base), str(base))
+    card["base"] = shipped if (models_dir() / shipped).is_dir() else str(base_path.resolve())
+    card["name"] = f"{card.get('name', 'model')} adapted to {len(layer.cases)} site cases"
+    card["site_layer"] = layer.to_json()
+    card["site_layer"]["confidence"] = "the base model's calibration, not refitted on the site's cases"
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "model.json").write_text(json.dumps(card, indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out / "model.json"

@@ -1,0 +1,94 @@
+"""`adapt`: a site's convention learned from its corrected cases, without training."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from MedSapiensLandmarksLib.adaptation import basis
+from MedSapiensLandmarksLib.cli import main
+from MedSapiensLandmarksLib.detector import Detector
+from MedSapiensLandmarksLib.imageio import read_image
+
+BASE = "ceph-isbi2015"
+SHIFT = {15: (0.05, 0.0), 5: (0.0, 0.03)}  # Pog' along S->N, B across it (units of |S-N|)
+
+
+@pytest.fixture(scope="module")
+def site(ceph_dir, tmp_path_factory):
+    """Three corrected cases of a site that puts Pog' and B elsewhere than the model does, and
+    their images; the model's own detections stand in for everything else."""
+    folder = tmp_path_factory.mktemp("site")
+    det = Detector.load(BASE)
+    rows = [["image_path"] + [f"{i}_{a}" for i in range(1, 20) for a in ("x", "y")]]
+    for case in ("141", "142", "143"):
+        (folder / f"{case}.jpg").symlink_to(ceph_dir / "images" / f"{case}.jpg")
+        xy = det.detect(read_image(folder / f"{case}.jpg", spacing=0.1)).xy
+        b = basis(xy, (0.1, 0.1), det.names, "sn")
+        for k, shift in SHIFT.items():
+            xy[k] += b @ shift
+        rows.append([f"{case}.jpg", *(f"{v:.4f}" for v in xy.ravel())])
+    with open(folder / "cases.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return folder, det
+
+
+def adapt(folder, out, *extra):
+    return main(["adapt", "--csv", str(folder / "cases.csv"), "--images", str(folder), "--spacing", "0.1",
+                 "--model", BASE, "-o", str(out), *extra])
+
+
+def test_adapt_learns_the_sites_offsets_and_detect_applies_them(site, ceph_dir, tmp_path, capsys):
+    folder, base = site
+    assert adapt(folder, tmp_path / "adapted") == 0
+    assert "adapted ceph-isbi2015 to 3 cases of this site (frame sn, shrink 0.5)" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "adapted").iterdir()) == ["model.json"]  # no graphs copied
+    card = json.loads((tmp_path / "adapted" / "model.json").read_text())
+    assert card["base"] == BASE and card["site_layer"]["cases"] == ["141", "142", "143"]
+    offsets = np.array(card["site_layer"]["offsets"])
+    want = np.zeros((19, 2))
+    for k, shift in SHIFT.items():
+        want[k] = np.array(shift) * 3 / 3.5  # three cases, shrunk by half a case
+    assert np.abs(offsets - want).max() < 2e-4  # the 4-decimal CSV
+    # a new image of the site: each point moved by the offsets in that image's own S-N frame
+    image = read_image(ceph_dir / "images" / "144.jpg", spacing=0.1)
+    before = base.detect(image).xy
+    adapted = Detector.load(tmp_path / "adapted").detect(image)
+    expected = before + want @ basis(before, (0.1, 0.1), base.names, "sn").T
+    assert np.abs(adapted.xy - expected).max() < 0.05  # px
+    moved = np.linalg.norm(adapted.xy - before, axis=1) * 0.1
+    assert moved[15] > 2.0 and moved[5] > 1.0 and np.delete(moved, [5, 15]).max() < 0.01  # mm
+    assert adapted.meta["site_layer"] == {"cases": 3, "frame": "sn"}
+    # refitting an adapted model starts from its base, never stacks layers
+    assert main(["adapt", "--csv", str(folder / "cases.csv"), "--images", str(folder), "--spacing", "0.1",
+                 "--model", str(tmp_path / "adapted"), "-o", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "model.json").read_text())
+    assert again["base"] == BASE and np.allclose(again["site_layer"]["offsets"], offsets)
+
+
+def test_bad_cases_get_one_clear_error_or_a_warning_and_no_half_written_model(site, tmp_path, capsys):
+    folder, _ = site
+    rows = list(csv.reader(open(folder / "cases.csv")))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in folder.glob("*.jpg"):
+        (bad / f.name).symlink_to(f.resolve())
+    (bad / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    missing = list(rows[2])
+    missing[1 + 2 * 15:1 + 2 * 15 + 2] = ["", ""]  # Pog' marked missing in case 142
+    with open(bad / "cases.csv", "w", newline="") as f:
+        csv.writer(f).writerows([rows[0], rows[1], missing, rows[3], ["broken.jpg"] + rows[3][1:]])
+    assert adapt(bad, tmp_path / "out") == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip().startswith("warning: case broken left out:") and "truncated JPEG" in captured.err
+    layer = json.loads((tmp_path / "out" / "model.json").read_text())["site_layer"]
+    assert layer["cases"] == ["141", "142", "143"] and layer["counts"][15] == 2 and layer["counts"][0] == 3
+    # another landmark set: one error, nothing written
+    with open(bad / "cases.csv", "w", newline="") as f:
+        csv.writer(f).writerows([rows[0][:7], [r[0] for r in rows[1:2]] + rows[1][1:7]])
+    assert adapt(bad, tmp_path / "three") == 2
+    assert "has 3 landmarks, the model 19" in capsys.readouterr().err and not (tmp_path / "three").exists()
+    with open(bad / "cases.csv", "w", newline="") as f:
+        csv.writer(f).writerows([rows[0]])
+    assert adapt(bad, tmp_path / "none") == 2
+    assert "no corrected cases" in capsys.readouterr().err and not (tmp_path / "none").exists()
