@@ -259,8 +259,8 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             report = self.ui.reportCheckBox.checked
             if report and not self.logic.ensureDependencies("report"):
                 return
-            case = self.panel.export(self._parameterNode, report=report)
-            self.ui.statusLabel.text = f"Exported {case}"
+            _case, status = self.panel.export(self._parameterNode, report=report)
+            self.ui.statusLabel.text = status
 
     def onFinetune(self) -> None:
         from MedSapiensLandmarksLib.logic import FinetuneJob
@@ -404,14 +404,15 @@ class MedSapiensLandmarksTest(ScriptedLoadableModuleTest):
         self.assertFalse(any(corrected_flags(second)))
         p.inputVolume = volumes[0]
         self.assertIs(p.landmarks, first, "the first patient's points are not found again")
-        folder = p.exportFolder
+        folder, model = p.exportFolder, p.model
         try:
             with tempfile.TemporaryDirectory() as out:
                 p.exportFolder = Path(out)
                 for volume in volumes:
                     p.inputVolume = volume
-                    case = widget.panel.export(p)
+                    case, status = widget.panel.export(p)
                     self.assertTrue((case / "landmarks.mrk.json").exists())
+                    self.assertIn("adapted to", status)
         finally:
-            p.exportFolder = folder  # the user's remembered folder stays theirs
+            p.exportFolder, p.model = folder, model  # the user's remembered choices stay theirs
         logging.info("MedSapiensLandmarks test passed")

@@ -99,10 +99,14 @@ def test_two_patients_keep_their_own_untouched_point_lists(ceph_dir, tmp_path):
         panel.sync(p)
         assert p.landmarks is first  # found again when its volume is picked again
         p.exportFolder = tmp_path / "out"
-        panel.export(p)
+        _, status = panel.export(p)
+        assert status.endswith("the model is adapted to 1 cases of this site")
+        assert p.model == str(tmp_path / "out" / "site-model" / "model.json")
         p.inputVolume = b
         panel.sync(p)
-        panel.export(p)
+        _, status = panel.export(p)
+        assert status.endswith("adapted to 2 cases of this site")
+        assert json.loads(Path(p.model).read_text())["site_layer"]["cases"] == ["151", "152"]
         cases, _ = read_cases(tmp_path / "out")
         exported = {c.case_id: c.xy for c in cases}
         truth = {c.case_id: c.xy for c in read_landmark_csv(ceph_dir / "test1_senior.csv")}
@@ -362,3 +366,43 @@ def test_a_dicom_radiograph_gets_the_spacing_its_tags_mean(tags, spacing, source
     panel._volume = None
     panel.sync(Params())
     assert volume.GetSpacing()[:2] == pytest.approx((0.1, 0.1))
+
+
+def test_each_export_refits_the_site_layer_from_the_markups_alone(ceph_dir, tmp_path, monkeypatch):
+    """A clinic that puts Pog' 3 mm further forward: after three exported corrections, the next
+    patient's Pog' is detected there; refitting reads no image and detects nothing again."""
+    from MedSapiensLandmarksLib.adaptation import basis
+
+    scene = new_scene()[0]
+    logic = LandmarksLogic(scene)
+    panel = PanelController(logic)
+
+    class Params:
+        landmarks, sliceIndex, model, device, anatomy, caseId = None, 0, "ceph-isbi2015", "auto", "", ""
+        exportFolder = tmp_path / "site"
+
+    p = Params()
+    for case in ("141", "142", "143"):
+        p.inputVolume, p.landmarks = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path, case)), None
+        p.model = "ceph-isbi2015"  # the clinician's Pog' is 3 mm from the base model's, every time
+        node = panel.detect(p)
+        x, y, z = node.GetNthControlPointPosition(15)
+        node.SetNthControlPointPosition(15, x - 3.0, y, z)  # RAS: 3 mm towards patient left = +x pixels
+        if case == "143":
+            import MedSapiensLandmarksLib.detector as detector_module
+
+            monkeypatch.setattr(detector_module.Detector, "detect", None)  # refitting detects nothing
+        _, status = panel.export(p)
+        monkeypatch.undo()
+    assert status.endswith("adapted to 3 cases of this site")
+    layer = json.loads(Path(p.model).read_text())["site_layer"]
+    assert layer["frame"] == "sn" and layer["counts"][15] == 3
+    assert max(abs(v) for k, o in enumerate(layer["offsets"]) if k != 15 for v in o) < 1e-4  # stored to 1e-3 px
+    p.inputVolume, p.landmarks = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path, "144")), None
+    node = panel.detect(p)  # with the adapted model
+    base = logic.detector("ceph-isbi2015").detect(logic.current_landmarks(p.inputVolume, node)[0])
+    moved = (logic.current_landmarks(p.inputVolume, node)[1].xy - base.xy) * 0.1
+    assert np.linalg.norm(np.delete(moved, 15, 0), axis=1).max() < 1e-3
+    assert moved[15][0] == pytest.approx(3.0 * 3 / 3.5, abs=0.4)  # mm along x, shrunk by half a case
+    expected = np.array(layer["offsets"][15]) @ basis(base.xy, (0.1, 0.1), base.names, "sn").T * 0.1
+    assert np.allclose(moved[15], expected, atol=1e-3)

@@ -122,6 +122,7 @@ def test_detect_drag_export_finetune_in_a_real_browser(server, ceph_dir, tmp_pat
         page.wait_for_function("window.trame.state.get('report') === true")
         page.click("#export")
         page.wait_for_function("document.querySelector('#status').innerText.startsWith('exported 151')")
+        assert page.inner_text("#status").endswith("the model is adapted to 1 cases of this site")
         page.screenshot(path=str(artifacts / "web-detect-drag-export.png"))
         export = session_folder(export)
         doc = read_markups(export / "cases" / "151" / "landmarks.mrk.json")

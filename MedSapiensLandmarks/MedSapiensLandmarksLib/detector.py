@@ -140,6 +140,8 @@ class Detector:
                 if not meta["plausibility"]["plausible"]:
                     meta["plausibility"]["warning"] = warning_text(self.card, meta["plausibility"])
                 meta["shape_deviation"] = self.shape.point_deviation(xy)[0]
+            # the model's own points, for fitting a site layer later (`site_model`)
+            meta["model_pixels"], meta["model_ref"] = xy.copy(), self.card.get("base_name", self.card.get("name", ""))
             if self.site is not None:  # after the checks: they judge the model's own points
                 xy = apply_layer(xy, image.spacing, self.names, self.site)
                 meta["site_layer"] = {"cases": len(self.site.cases), "frame": self.site.frame}

@@ -72,7 +72,7 @@ def radiograph_to_itk(image: Radiograph) -> sitk.Image:
     return itk
 
 
-def _read_index(root: Path) -> dict[str, Any]:
+def read_index(root: Path) -> dict[str, Any]:
     path = root / "dataset.json"
     if not path.exists():
         return {"format": INDEX_FORMAT, "landmarks": [], "cases": []}
@@ -133,7 +133,7 @@ def export_case(root: str | Path, case_id: str, image: Radiograph, lm: Landmarks
     check_case_id(case_id)
     if len(corrected) != len(lm):
         raise ExportError(f"{len(corrected)} corrected flags for {len(lm)} landmarks")
-    index = _read_index(root)
+    index = read_index(root)
     recover(root, index)
     names = list(lm.names)
     if index["landmarks"] and index["landmarks"] != names:
@@ -147,6 +147,7 @@ def export_case(root: str | Path, case_id: str, image: Radiograph, lm: Landmarks
     tmp = Path(tempfile.mkdtemp(prefix=f".{case_id}.", dir=cases_dir))
     try:
         sitk.WriteImage(radiograph_to_itk(image), str(tmp / "image.nrrd"), useCompression=True)
+        lm.meta["spacing_mm"] = image.spacing  # a site layer is refitted from the markups alone
         write_markups(tmp / "landmarks.mrk.json", lm, name=case_id, corrected=corrected)
         if extra is not None:
             extra(tmp)
@@ -182,7 +183,7 @@ def read_cases(root: str | Path) -> tuple[list[Case], list[tuple[str, str]]]:
     root = Path(root)
     if not (root / "dataset.json").exists():
         raise ExportError(f"{root}: no dataset.json (not an export folder)")
-    index = _read_index(root)
+    index = read_index(root)
     changed = recover(root, index)
     if changed:
         write_text(root / "dataset.json", json.dumps(index, indent=2) + "\n")

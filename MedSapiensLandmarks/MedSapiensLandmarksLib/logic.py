@@ -24,6 +24,7 @@ from .mrml import (
     ATTR_CONFIDENCE,
     ATTR_ERROR_MODEL,
     ATTR_MODEL,
+    ATTR_MODEL_POINTS,
     ATTR_PLAUSIBILITY,
     LPS_TO_RAS,
     check_owner,
@@ -58,6 +59,19 @@ class LandmarksLogic:
             official = {"anatomy": key[2]} if key[2] else {}
             self._detectors[key] = Detector.load(model, device=device, **official)
         return self._detectors[key]
+
+    def adapt_to_exports(self, out_dir: str | Path, model: str, names: list[str]) -> tuple[str, int] | None:
+        """Refit the site layer of an export folder (`site_model.refit_site`); the adapted model
+        is loaded afresh on its next use. Returns its card and number of cases, or None."""
+        from .site_model import refit_site
+
+        adapted = refit_site(out_dir, model, names)
+        if adapted is None:
+            return None
+        path = str(adapted[0])
+        for key in [k for k in self._detectors if k[0] == path]:
+            del self._detectors[key]
+        return path, adapted[1]
 
     def add_detector(self, model: str, detector: Detector, device: str | None = None,
                      anatomy: str | None = None) -> None:
@@ -96,6 +110,9 @@ class LandmarksLogic:
         lm = Landmarks(names, descs, image.to_pixels(lps), lps, np.asarray(conf, float),
                        {"model": markups_node.GetAttribute(ATTR_MODEL) or "", "image": image.path,
                         "error_model": json.loads(markups_node.GetAttribute(ATTR_ERROR_MODEL) or "null")})
+        model_points = json.loads(markups_node.GetAttribute(ATTR_MODEL_POINTS) or "null")
+        if model_points:  # what the model itself detected (before corrections and a site layer)
+            lm.meta["model_pixels"], lm.meta["model_ref"] = np.array(model_points["pixels"]), model_points["ref"]
         lm.meta["position_status"] = [markups_node.GetPositionStatusAsString(
             markups_node.GetNthControlPointPositionStatus(i)) for i in range(n)]
         verdict = markups_node.GetAttribute(ATTR_PLAUSIBILITY)

@@ -66,6 +66,11 @@ def _checks(lm: Landmarks) -> dict[str, Any]:
         out["plausibility"] = lm.meta["plausibility"]
     if "shape_deviation" in lm.meta:
         out["shape_deviation"] = [round(float(z), 3) for z in lm.meta["shape_deviation"]]
+    if "model_pixels" in lm.meta:  # the model's own points: a site layer is fitted to them
+        out["model_pixels"] = np.round(np.asarray(lm.meta["model_pixels"], float), 3).tolist()
+        out["model_ref"] = lm.meta.get("model_ref", "")
+    if "spacing_mm" in lm.meta:
+        out["spacing_mm"] = [float(v) for v in lm.meta["spacing_mm"]]
     return out
 
 

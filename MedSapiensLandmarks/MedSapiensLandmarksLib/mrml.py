@@ -30,6 +30,7 @@ ATTR_SPACING = "MedSapiens.Spacing"  # on a volume: JSON {"known": bool, "source
 ATTR_ERROR_MODEL = "MedSapiens.ErrorModel"  # JSON when confidences are calibrated probabilities
 ATTR_PLAUSIBILITY = "MedSapiens.Plausibility"  # the image-level verdict (JSON), when the model has one
 ATTR_TRACING = "MedSapiens.TracingLines"  # JSON {line name: line node ID}
+ATTR_MODEL_POINTS = "MedSapiens.ModelPixels"  # JSON {"ref": base model, "pixels": the model's own points}
 CORRECTED_TAG = " [corrected]"
 LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
 RADIOGRAPH_VOLUME_CLASSES = ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode")
@@ -287,6 +288,9 @@ def landmarks_to_node(scene: Any, lm: Landmarks, node: Any | None = None, name: 
     node.SetAttribute(ATTR_CONFIDENCE, json.dumps([round(float(c), 4) for c in lm.confidence]))
     node.SetAttribute(ATTR_MODEL, str(lm.meta.get("model", "")))
     node.SetAttribute(ATTR_ERROR_MODEL, json.dumps(lm.meta.get("error_model")))
+    if "model_pixels" in lm.meta:
+        node.SetAttribute(ATTR_MODEL_POINTS, json.dumps({"ref": lm.meta.get("model_ref", ""), "pixels": np.round(
+            lm.meta["model_pixels"], 3).tolist()}))
     if "plausibility" in lm.meta:
         node.SetAttribute(ATTR_PLAUSIBILITY, json.dumps(lm.meta["plausibility"]))
     else:

@@ -146,15 +146,22 @@ class PanelController:
             params.landmarks = node
         return node
 
-    def export(self, params: Any, report: bool = False) -> Path:
+    def export(self, params: Any, report: bool = False) -> tuple[Path, str]:
+        """Export the case, then refit the site layer from every case of the export folder and
+        switch to the adapted model; returns the case folder and the status line."""
         node = self.shown_landmarks(params)
         if node is None:
             raise ValueError("no landmarks of this volume to export: click Detect first")
         if str(params.exportFolder) in ("", "."):  # an emptied path field reads back as "."
             raise ValueError("choose an export folder first")
-        return self.logic.export(params.inputVolume, node, params.exportFolder,
-                                 case_id=params.caseId or None, slice_index=self.slice_index(params),
-                                 report=report)
+        case = self.logic.export(params.inputVolume, node, params.exportFolder, case_id=params.caseId or None,
+                                 slice_index=self.slice_index(params), report=report)
+        labels = [node.GetNthControlPointLabel(i) for i in range(node.GetNumberOfControlPoints())]
+        adapted = self.logic.adapt_to_exports(params.exportFolder, params.model, labels)
+        if adapted is None:
+            return case, f"Exported {case}"
+        params.model = adapted[0]
+        return case, f"Exported {case}; the model is adapted to {adapted[1]} cases of this site"
 
     def set_spacing(self, params: Any, text: str, source: str = "user") -> float:
         """The pixel spacing the user typed (mm per pixel)."""

@@ -11,11 +11,15 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from .adaptation import DEFAULT_SHRINK, SiteLayer, fit_layer
 from .cards import ALIASES, models_dir, resolve
 from .datasets import Case
 from .detector import Detector
+from .export import read_index
 from .imageio import ImageError, read_image
+from .markups import read_markups
 
 
 
@@ -63,6 +67,7 @@ def write_site_model(base: str, layer: SiteLayer, out: str | Path) -> Path:
     card = json.loads(base_path.read_text())
     shipped = ALIASES.get(str(base), str(base))
     card["base"] = shipped if (models_dir() / shipped).is_dir() else str(base_path.resolve())
+    card["base_name"] = card.get("name", "")  # the detections' model (`Landmarks.meta["model_ref"]`)
     card["name"] = f"{card.get('name', 'model')} adapted to {len(layer.cases)} site cases"
     card["site_layer"] = layer.to_json()
     card["site_layer"]["confidence"] = "the base model's calibration, not refitted on the site's cases"
@@ -77,3 +82,41 @@ def write_site_model(base: str, layer: SiteLayer, out: str | Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out / "model.json"
+
+
+SITE_FOLDER = "site-model"  # beside the cases of an export folder
+
+
+def fit_site_from_export(root: str | Path, base_ref: str, names: Sequence[str], frame: str | None = None,
+                         shrink: float = DEFAULT_SHRINK) -> SiteLayer | None:
+    """The layer of an export folder's cases detected by ``base_ref`` (their markups keep the
+    model's own points and the pixel spacing): no image is read, nothing is detected again.
+    None when no such case is there."""
+    root = Path(root)
+    index = read_index(root)
+    if index["landmarks"] != list(names):
+        return None
+    preds, truths, spacings, ids = [], [], [], []
+    for entry in index["cases"]:
+        extra = read_markups(root / entry["markups"])["extra"]
+        if extra.get("model_ref") != base_ref or "model_pixels" not in extra or "spacing_mm" not in extra:
+            continue
+        preds.append(np.asarray(extra["model_pixels"], dtype=np.float64))
+        truths.append(np.array([p if p is not None else [np.nan, np.nan] for p in extra["pixels"]], dtype=np.float64))
+        spacings.append(tuple(extra["spacing_mm"]))
+        ids.append(entry["id"])
+    if not preds:
+        return None
+    frame = frame or ("sn" if {"S", "N"} <= set(names) else "mm")
+    return fit_layer(preds, truths, spacings, names, frame, shrink, ids)
+
+
+def refit_site(root: str | Path, model: str, names: Sequence[str]) -> tuple[Path, int] | None:
+    """After an Export: refit ``root/site-model`` from every case of ``model``'s base in the
+    export folder; returns the adapted model's card and its number of cases (None: no case)."""
+    base = base_model(model)
+    ref = json.loads(resolve(base).read_text()).get("name", base)
+    layer = fit_site_from_export(root, ref, names)
+    if layer is None:
+        return None
+    return write_site_model(base, layer, Path(root) / SITE_FOLDER), len(layer.cases)

@@ -247,7 +247,14 @@ class LandmarksWebApp:
                                      report=bool(report))
         except ExportError as err:
             return self._error(str(err))
-        self.server.state.status = f"exported {case.name} to {self.export_dir}"
+        status = f"exported {case.name} to {self.export_dir}"
+        labels = [self.markups.GetNthControlPointLabel(i) for i in range(self.markups.GetNumberOfControlPoints())]
+        adapted = self.logic.adapt_to_exports(self.export_dir, self.model, labels)  # the site's convention
+        if adapted is not None:
+            self.model = adapted[0]
+            status += f"; the model is adapted to {adapted[1]} cases of this site"
+        with self.server.state as s:
+            s.status, s.error = status, ""
 
     def finetune(self) -> None:
         if not (self.export_dir / "dataset.json").exists():
