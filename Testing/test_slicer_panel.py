@@ -17,7 +17,7 @@ from MedSapiensLandmarksLib.export import read_cases
 from MedSapiensLandmarksLib.logic import LandmarksLogic
 from MedSapiensLandmarksLib.markups import read_markups
 from MedSapiensLandmarksLib.mrml import corrected_flags, volume_spacing
-from MedSapiensLandmarksLib.panel import PanelController, finetune_outcome
+from MedSapiensLandmarksLib.panel import PanelController
 from slicer_helpers import new_scene
 from slicer_reference import VERSIONS, reference_slicer
 from test_slicer_logic import ceph_as_nrrd, load_volume, pixel_to_ras
@@ -292,12 +292,6 @@ def test_fsync_uses_a_handle_windows_accepts(tmp_path, monkeypatch):
     lm = Landmarks(["P1", "P2"], ["p", "p"], xy, image.to_lps(xy), np.ones(2))
     case = export_case(tmp_path / "cases", "c1", image, lm, [False, True])
     assert (case / "image.nrrd").exists() and len(synced) >= 4
-
-
-def test_unvalidated_fine_tune_names_the_real_reason():
-    kind, text = finetune_outcome({"status": "unvalidated", "log_tail": [],
-                                   "reason": "the cases have 37 landmarks and the model 19: the two cannot be compared"})
-    assert kind == "question" and "37 landmarks" in text and "export at least 2" not in text
 
 
 @pytest.mark.parametrize("version", VERSIONS)

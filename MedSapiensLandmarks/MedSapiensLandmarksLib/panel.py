@@ -203,20 +203,23 @@ def _rows(node: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def finetune_outcome(result: dict[str, Any]) -> tuple[str, str]:
+def finetune_outcome(result: dict[str, Any], ask: bool = True) -> tuple[str, str]:
     """What the panel says when a fine-tune ends: (kind, text), kind one of "error",
-    "question" (offer the new model), "info" or "" (nothing to say: cancelled)."""
+    "question" (offer the new model; without ``ask``, a page that cannot ask: "info" without
+    the question), "info" or "" (nothing to say: cancelled)."""
     status = result["status"]
     if status == "failed":
         return "error", "Fine-tuning failed:\n" + "\n".join(result["log_tail"])
-    if status == "accepted":
-        return "question", (f"Fine-tuned model: MRE {result['mre_after_mm']:.2f} mm on held-back cases "
-                            f"(was {result['mre_before_mm']:.2f} mm). Use it?")
     if status == "rejected":
         return "info", (f"The fine-tuned model was not better on held-back cases (MRE "
                         f"{result['mre_after_mm']:.2f} vs {result['mre_before_mm']:.2f} mm); the current "
                         f"model is kept.")
-    if status == "unvalidated":
+    if status == "accepted":
+        text, question = (f"Fine-tuned model: MRE {result['mre_after_mm']:.2f} mm on held-back cases "
+                          f"(was {result['mre_before_mm']:.2f} mm)."), "Use it?"
+    elif status == "unvalidated":
         reason = result.get("reason") or "no case could be held back for a check"
-        return "question", f"The fine-tuned model could not be checked: {reason}. Use it anyway?"
-    return "", ""
+        text, question = f"The fine-tuned model could not be checked: {reason}.", "Use it anyway?"
+    else:
+        return "", ""
+    return ("question", f"{text} {question}") if ask else ("info", text)

@@ -273,7 +273,7 @@ class LandmarksWebApp:
             if not self.job.running:
                 res = self.job.result()
                 s.finetune_running = False
-                _kind, text = finetune_outcome(res)  # the panel's words
+                _kind, text = finetune_outcome(res, ask=False)  # the panel's words
                 s.status = (f"fine-tuned model: {res['model']} ({res['status']}): {text}"
                             if res["returncode"] == 0 else "fine-tuning failed: " + " ".join(res["log_tail"]))
                 self.job = None
