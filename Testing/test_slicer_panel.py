@@ -100,7 +100,7 @@ def test_two_patients_keep_their_own_untouched_point_lists(ceph_dir, tmp_path):
         assert p.landmarks is first  # found again when its volume is picked again
         p.exportFolder = tmp_path / "out"
         _, status = panel.export(p)
-        assert status.endswith("the model is adapted to 1 cases of this site")
+        assert status.endswith("the model is adapted to 1 case of this site")
         assert p.model == str(tmp_path / "out" / "site-model" / "model.json")
         p.inputVolume = b
         panel.sync(p)

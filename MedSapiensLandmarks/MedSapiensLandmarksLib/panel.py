@@ -161,7 +161,7 @@ class PanelController:
         if adapted is None:
             return case, f"Exported {case}"
         params.model = adapted[0]
-        return case, f"Exported {case}; the model is adapted to {adapted[1]} cases of this site"
+        return case, f"Exported {case}; {adapted_text(adapted[1])}"
 
     def set_spacing(self, params: Any, text: str, source: str = "user") -> float:
         """The pixel spacing the user typed (mm per pixel)."""
@@ -189,6 +189,10 @@ class PanelController:
 
     def spacing_known(self, params: Any) -> bool:
         return params.inputVolume is not None and volume_spacing(params.inputVolume)["known"]
+
+
+def adapted_text(cases: int) -> str:
+    return f"the model is adapted to {cases} case{'' if cases == 1 else 's'} of this site"
 
 
 def device(params: Any) -> str | None:

@@ -25,7 +25,7 @@ from .inputs import IMAGE_SUFFIXES
 from .logic import FinetuneJob, LandmarksLogic
 from .cephalometry import cells
 from .mrml import ATTR_SPACING, ijk_to_ras, plausibility_warning, spacing_text, table_rows
-from .panel import PanelController, finetune_outcome
+from .panel import PanelController, adapted_text, finetune_outcome
 
 MAX_UPLOAD_BYTES = 200 * 1024 * 1024
 _SAFE_NAME = re.compile(r"[^\W_][\w .()+-]{0,150}")  # letters of any script, no separators
@@ -252,7 +252,7 @@ class LandmarksWebApp:
         adapted = self.logic.adapt_to_exports(self.export_dir, self.model, labels)  # the site's convention
         if adapted is not None:
             self.model = adapted[0]
-            status += f"; the model is adapted to {adapted[1]} cases of this site"
+            status += f"; {adapted_text(adapted[1])}"
         with self.server.state as s:
             s.status, s.error = status, ""
 
