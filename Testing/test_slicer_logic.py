@@ -518,3 +518,9 @@ def test_case_ids_follow_one_rule_and_export_never_renames(tmp_path):
     assert sorted(p.name for p in (root / "cases").iterdir()) == ["x", "x.previous-1", "y.v2_final-3"]
     cases, _ = read_cases(root)
     assert [c.case_id for c in cases] == ["x", "y.v2_final-3"]
+    if sys.platform != "win32":  # the index and tables are as private as the case folders
+        import stat
+
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [*root.iterdir(), *(root / "cases").iterdir()]}
+        assert {modes[n] for n in ("dataset.json", "landmarks.csv", "coco_keypoints.json")} == {0o600}
+        assert modes["x"] == modes["y.v2_final-3"] == 0o700

@@ -122,7 +122,7 @@ def test_detect_drag_export_finetune_in_a_real_browser(server, ceph_dir, tmp_pat
         page.wait_for_function("window.trame.state.get('report') === true")
         page.click("#export")
         page.wait_for_function("document.querySelector('#status').innerText.startsWith('exported 151')")
-        assert page.inner_text("#status").endswith("the model is adapted to 1 case of this site")
+        assert page.inner_text("#status") == "exported 151; the model is adapted to 1 case of this site"
         page.evaluate("document.querySelectorAll('.v-navigation-drawer__content').forEach(d => d.scrollTop = 0)")
         page.screenshot(path=str(artifacts / "web-detect-drag-export.png"))  # the README's screenshot
         export = session_folder(export)
@@ -222,6 +222,8 @@ def test_two_people_each_see_only_their_own_patient(tmp_path, ceph_dir):
             assert rows["alice"]["S"] != rows["bob"]["S"]
             folders = sorted(p for p in export.iterdir() if p.is_dir())
             assert len(folders) == 2
+            cookies = [c["value"] for context, _, _ in pages.values() for c in context.cookies()]
+            assert len(cookies) == 2 and not any(c[:4] in f.name for c in cookies for f in folders)
             assert sorted(sorted(c.name for c in (f / "cases").iterdir()) for f in folders) == [["151"], ["152"]]
             uploads = list((tmp_path / "tmp").glob("medsapiens-uploads-*/*"))
             assert len(uploads) == 2 and all(any(u.iterdir()) for u in uploads)

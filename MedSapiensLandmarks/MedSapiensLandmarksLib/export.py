@@ -166,7 +166,7 @@ def export_case(root: str | Path, case_id: str, image: Radiograph, lm: Landmarks
     entries.append(_entry(case_id, corrected, lm.meta.get("model", "")))
     index.update(landmarks=names, cases=sorted(entries, key=lambda c: c["id"]),
                  descriptions=list(lm.descriptions))
-    write_text(root / "dataset.json", json.dumps(index, indent=2) + "\n")
+    write_text(root / "dataset.json", json.dumps(index, indent=2) + "\n", private=True)
     write_derived(root, index)
     return final
 
@@ -186,7 +186,7 @@ def read_cases(root: str | Path) -> tuple[list[Case], list[tuple[str, str]]]:
     index = read_index(root)
     changed = recover(root, index)
     if changed:
-        write_text(root / "dataset.json", json.dumps(index, indent=2) + "\n")
+        write_text(root / "dataset.json", json.dumps(index, indent=2) + "\n", private=True)
     if changed or _derived_stale(root, index):
         write_derived(root, index)
     cases = [Case(root / entry["image"], xy, None, "export", entry["id"])
@@ -233,9 +233,9 @@ def write_derived(root: Path, index: dict[str, Any]) -> None:
     w = csv.writer(out, lineterminator="\n")
     w.writerow(["image_path"] + [f"{i}_{a}" for i in range(1, len(names) + 1) for a in ("x", "y")])
     w.writerows(rows)
-    write_text(root / "landmarks.csv", out.getvalue())
+    write_text(root / "landmarks.csv", out.getvalue(), private=True)
     info = {"description": "MedSapiensLandmarks export", "cases_sha256": _fingerprint(root, index)}
     coco = {"info": info, "images": images, "annotations": annotations,
             "categories": [{"id": 1, "name": "anatomy", "supercategory": "anatomy",
                             "keypoints": list(names), "skeleton": []}]}
-    write_text(root / "coco_keypoints.json", json.dumps(coco, indent=1) + "\n")
+    write_text(root / "coco_keypoints.json", json.dumps(coco, indent=1) + "\n", private=True)

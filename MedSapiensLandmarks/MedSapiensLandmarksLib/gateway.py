@@ -66,7 +66,7 @@ class Gateway:
     async def _start_session(self) -> Session:
         sid = secrets.token_urlsafe(24)
         port = free_port()
-        label = time.strftime("%Y%m%d-%H%M%S-") + sid[:6]
+        label = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)  # nothing of the cookie
         uploads, exports = self.uploads_root / label, self.export_dir / label
         uploads.mkdir(parents=True)
         cmd = [sys.executable, "-m", "MedSapiensLandmarksLib.web", "--port", str(port),

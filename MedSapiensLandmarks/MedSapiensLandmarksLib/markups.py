@@ -74,8 +74,8 @@ def _checks(lm: Landmarks) -> dict[str, Any]:
     return out
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    with atomic_write(path) as tmp:
+def write_text(path: str | Path, text: str, private: bool = False) -> Path:
+    with atomic_write(path, private) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
 

@@ -247,7 +247,7 @@ class LandmarksWebApp:
                                      report=bool(report))
         except ExportError as err:
             return self._error(str(err))
-        status = f"exported {case.name} to {self.export_dir}"
+        status = f"exported {case.name}"
         labels = [self.markups.GetNthControlPointLabel(i) for i in range(self.markups.GetNumberOfControlPoints())]
         adapted = self.logic.adapt_to_exports(self.export_dir, self.model, labels)  # the site's convention
         if adapted is not None:
@@ -289,7 +289,13 @@ class LandmarksWebApp:
 
     def _error(self, message: str) -> None:
         with self.server.state as s:
-            s.error = message
+            s.error = self._public(message)
+
+    def _public(self, message: str) -> str:
+        """A message for the page: the server's own folders are not shown."""
+        for folder, name in ((self.export_dir, "the export folder"), (self.uploads, "the upload")):
+            message = message.replace(str(folder), name)
+        return message
 
     # -- page --------------------------------------------------------------------------------
     def _build_ui(self) -> None:
