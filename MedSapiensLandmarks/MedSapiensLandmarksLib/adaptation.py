@@ -41,6 +41,12 @@ class SiteLayer:
                    list(data.get("cases", [])), list(data.get("counts", [])))
 
 
+def default_frame(names: Sequence[str]) -> str:
+    """S-N where the landmarks have S and N (independent of pixel spacing, head size and
+    rotation; as good as mm on the proxy site), else mm."""
+    return "sn" if {"S", "N"} <= set(names) else "mm"
+
+
 def basis(xy: np.ndarray, spacing: tuple[float, float], names: Sequence[str], frame: str) -> np.ndarray:
     """(2, 2) matrix taking a frame offset to a pixel offset for one image's points."""
     if frame == "mm":

@@ -16,6 +16,7 @@ index from them after an interrupted export (a killed process, a power cut).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -147,8 +148,8 @@ def export_case(root: str | Path, case_id: str, image: Radiograph, lm: Landmarks
     tmp = Path(tempfile.mkdtemp(prefix=f".{case_id}.", dir=cases_dir))
     try:
         sitk.WriteImage(radiograph_to_itk(image), str(tmp / "image.nrrd"), useCompression=True)
-        lm.meta["spacing_mm"] = image.spacing  # a site layer is refitted from the markups alone
-        write_markups(tmp / "landmarks.mrk.json", lm, name=case_id, corrected=corrected)
+        kept = dataclasses.replace(lm, meta={**lm.meta, "spacing_mm": image.spacing})  # a site layer
+        write_markups(tmp / "landmarks.mrk.json", kept, name=case_id, corrected=corrected)  # refits from it
         if extra is not None:
             extra(tmp)
         for f in tmp.iterdir():

@@ -23,7 +23,8 @@ SPACING_RANGE_MM = (0.01, 10.0)  # what a pixel of a radiograph can measure
 # File signatures -> ITK reader, for files whose extension does not match their content.
 MAGIC = [(b"\xff\xd8\xff", "JPEGImageIO"), (b"\x89PNG\r\n\x1a\n", "PNGImageIO"),
          (b"II*\x00", "TIFFImageIO"), (b"MM\x00*", "TIFFImageIO"), (b"BM", "BMPImageIO")]
-PIXEL_SPACING, IMAGER_PIXEL_SPACING, MAGNIFICATION = "0028|0030", "0018|1164", "0018|1114"
+# Pixel Spacing, Imager Pixel Spacing, Estimated Radiographic Magnification Factor (ITK's keys)
+DICOM_SPACING_TAGS = ("0028|0030", "0018|1164", "0018|1114")
 
 
 class ImageError(ValueError):
@@ -109,10 +110,12 @@ def read_image(path: str | Path, spacing: float | None = None, slice_index: int 
     spacing_known = io is None and path.suffix.lower() not in PLAIN_FORMATS
     source = "file header" if spacing_known else f"none in the {(io or path.suffix[1:]).removesuffix('ImageIO').upper()} file"
     dicom = reader.HasMetaDataKey("0008|0016") or reader.HasMetaDataKey("0002|0010")  # SOP class, syntax
-    if dicom and reader.HasMetaDataKey(PIXEL_SPACING):
-        source = "DICOM Pixel Spacing (0028,0030)"
-    elif dicom:
-        sp[:2], spacing_known, source = _imager_spacing(reader, sp[:2])
+    if dicom:
+        tags = [reader.GetMetaData(t) if reader.HasMetaDataKey(t) else "" for t in DICOM_SPACING_TAGS]
+        mm, source = dicom_tag_spacing(*tags)
+        spacing_known = mm is not None
+        if mm is not None and not tags[0]:  # with Pixel Spacing, ITK's own spacing stands
+            sp[:2] = mm
     dirm = np.array(img.GetDirection(), float).reshape(dim, dim)
     if dim == 2:
         a = np.zeros((3, 3))
@@ -169,21 +172,33 @@ def _ends(path: Path, n: int = 1024) -> tuple[bytes, bytes]:
         return head, f.read()
 
 
-def _imager_spacing(reader: sitk.ImageFileReader, default: np.ndarray) -> tuple[np.ndarray, bool, str]:
-    """DICOM without Pixel Spacing: Imager Pixel Spacing (detector plane, row\\column order)
-    divided by the Estimated Radiographic Magnification Factor when given; else unknown.
-    Returns the spacing, whether it is known, and its source."""
-    if not reader.HasMetaDataKey(IMAGER_PIXEL_SPACING):
-        return default, False, "none in the DICOM file (no Pixel Spacing, no Imager Pixel Spacing)"
+def dicom_tag_spacing(pixel: str, imager: str, magnification: str) -> tuple[tuple[float, float] | None, str]:
+    """The pixel spacing (columns, rows in mm) a radiograph's DICOM tag values mean, and its
+    source: Pixel Spacing (0028,0030), else Imager Pixel Spacing (0018,1164, the detector plane)
+    divided by the Estimated Radiographic Magnification Factor (0018,1114) when given; None when
+    unknown. Tag values as DICOM writes them (row\\column), "" for an absent tag. Used for files
+    (`read_image`) and for volumes Slicer's DICOM module loaded (`mrml.dicom_spacing`)."""
+    def columns_rows(text: str) -> tuple[float, float]:
+        row, col = (float(v) for v in text.split("\\")[:2])
+        return col, row
+
     try:
-        row, col = (float(v) for v in reader.GetMetaData(IMAGER_PIXEL_SPACING).split("\\")[:2])
-        mag = float(reader.GetMetaData(MAGNIFICATION)) if reader.HasMetaDataKey(MAGNIFICATION) else None
+        if pixel:
+            return columns_rows(pixel), "DICOM Pixel Spacing (0028,0030)"
     except ValueError:
-        return default, False, "none in the DICOM file (unreadable Imager Pixel Spacing)"
+        pass  # unreadable: the Imager Pixel Spacing may still say it
+    if not imager:
+        return None, "none in the DICOM file (no Pixel Spacing, no Imager Pixel Spacing)"
+    try:
+        col, row = columns_rows(imager)
+        mag = float(magnification) if magnification else None
+    except ValueError:
+        return None, "none in the DICOM file (unreadable Imager Pixel Spacing)"
     source = "DICOM Imager Pixel Spacing (0018,1164)"
-    if mag:
+    if mag is not None and mag > 0:
         source += f" / Estimated Radiographic Magnification Factor {mag:g} (0018,1114)"
-    return np.array([col, row]) / (mag or 1.0), True, source
+        col, row = col / mag, row / mag
+    return (col, row), source
 
 
 def slice_volume(name: str, arr: np.ndarray, cols: np.ndarray, org: np.ndarray,

@@ -17,7 +17,8 @@ import numpy as np
 import slicer
 import vtk
 
-from .imageio import PLAIN_FORMATS, Radiograph, check_spacing, slice_volume
+from .imageio import (DICOM_SPACING_TAGS, PLAIN_FORMATS, Radiograph, check_spacing, dicom_tag_spacing,
+                      slice_volume)
 from .landmarks import Landmarks
 from .markups import LOW_CONFIDENCE, describe
 
@@ -75,30 +76,15 @@ def volume_spacing(volume_node: Any) -> dict[str, Any]:
 
 
 def dicom_spacing(volume_node: Any, instance_value: Callable[[str, str], str]) -> dict[str, Any] | None:
-    """The spacing a radiograph's DICOM tags give (``instance_value(uid, "gggg,eeee")`` reads a
-    tag of an instance, as Slicer's ``dicomDatabase.instanceValue``): Pixel Spacing, else Imager
-    Pixel Spacing divided by the Estimated Radiographic Magnification Factor; ``known`` False
-    when neither is there. None for a volume not loaded from DICOM."""
+    """The spacing a radiograph's DICOM tags give (`imageio.dicom_tag_spacing`), read through
+    ``instance_value(uid, "gggg,eeee")`` as Slicer's ``dicomDatabase.instanceValue``; ``known``
+    False when no tag gives it. None for a volume not loaded from DICOM."""
     uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
     if not uids:
         return None
-
-    def numbers(tag: str) -> list[float]:
-        try:
-            return [float(v) for v in (instance_value(uids[0], tag) or "").split("\\") if v.strip()]
-        except ValueError:
-            return []
-
-    pixel, imager, ermf = numbers("0028,0030"), numbers("0018,1164"), numbers("0018,1114")
-    if len(pixel) >= 2:
-        return {"known": True, "mm": (pixel[1], pixel[0]), "source": "DICOM Pixel Spacing (0028,0030)"}
-    if len(imager) >= 2:
-        source = "DICOM Imager Pixel Spacing (0018,1164)"
-        if ermf and ermf[0] > 0:
-            source += f" / Estimated Radiographic Magnification Factor {ermf[0]:g} (0018,1114)"
-        scale = ermf[0] if ermf and ermf[0] > 0 else 1.0
-        return {"known": True, "mm": (imager[1] / scale, imager[0] / scale), "source": source}
-    return {"known": False, "mm": None, "source": "none in the DICOM file (no Pixel Spacing, no Imager Pixel Spacing)"}
+    values = (instance_value(uids[0], tag.replace("|", ",")) or "" for tag in DICOM_SPACING_TAGS)
+    mm, source = dicom_tag_spacing(*values)
+    return {"known": mm is not None, "mm": mm, "source": source}
 
 
 def apply_dicom_spacing(scene: Any, volume_node: Any, instance_value: Callable[[str, str], str]) -> None:

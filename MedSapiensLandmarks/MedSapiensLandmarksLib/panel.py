@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 from .logic import LandmarksLogic
 from .markups import LOW_CONFIDENCE
-from .mrml import (apply_dicom_spacing, owner_volume, plausibility_warning, ruler_spacing, set_volume_spacing, spacing_text,
-                   table_rows, volume_landmarks, volume_spacing)
+from .mrml import (apply_dicom_spacing, owner_volume, plausibility_warning, ruler_spacing, set_volume_spacing,
+                   spacing_text, table_rows, volume_landmarks)
 
 ANATOMY_OWN = "checkpoint's own"  # the anatomy choice that keeps an official checkpoint's own set
 DEFAULT_EXPORT_FOLDER = Path.home() / "MedSapiensLandmarks" / "cases"
@@ -186,9 +186,6 @@ class PanelController:
         set_volume_spacing(self.logic.scene, params.inputVolume, mm,
                            f"ruler: {distance:g} mm over two points")
         return mm
-
-    def spacing_known(self, params: Any) -> bool:
-        return params.inputVolume is not None and volume_spacing(params.inputVolume)["known"]
 
 
 def adapted_text(cases: int) -> str:

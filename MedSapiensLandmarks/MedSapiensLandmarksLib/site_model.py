@@ -13,20 +13,20 @@ from typing import Sequence
 
 import numpy as np
 
-from .adaptation import DEFAULT_SHRINK, SiteLayer, fit_layer
-from .cards import ALIASES, models_dir, resolve
+from .adaptation import DEFAULT_SHRINK, SiteLayer, default_frame, fit_layer
+from .cards import ALIASES, models_dir, read_card, resolve
 from .datasets import Case
 from .detector import Detector
 from .export import read_index
 from .imageio import ImageError, read_image
 from .markups import read_markups
 
+SITE_FOLDER = "site-model"  # beside the cases of an export folder
 
 
 def base_model(model: str) -> str:
     """The model whose detections a layer is fitted to: an adapted model's base, else itself."""
-    card = json.loads(resolve(model).read_text())
-    return card.get("base", model)
+    return read_card(resolve(model)).get("base", model)
 
 
 def fit_site(det: Detector, cases: Sequence[Case], frame: str | None = None,
@@ -35,9 +35,7 @@ def fit_site(det: Detector, cases: Sequence[Case], frame: str | None = None,
     one warning per case left out (an unreadable image)."""
     if not cases:
         raise ValueError("no corrected cases to adapt to")
-    # the S-N frame where the landmarks have S and N (independent of pixel spacing, head size
-    # and rotation; as good as mm on the proxy site), else mm
-    frame = frame or ("sn" if {"S", "N"} <= set(det.names) else "mm")
+    frame = frame or default_frame(det.names)
     site, det.site = det.site, None
     preds, truths, spacings, ids, warnings = [], [], [], [], []
     try:
@@ -64,7 +62,7 @@ def fit_site(det: Detector, cases: Sequence[Case], frame: str | None = None,
 def write_site_model(base: str, layer: SiteLayer, out: str | Path) -> Path:
     """``out/model.json``: the base card with the layer and the base named (graphs not copied)."""
     base_path = resolve(base)
-    card = json.loads(base_path.read_text())
+    card = read_card(base_path)
     shipped = ALIASES.get(str(base), str(base))
     card["base"] = shipped if (models_dir() / shipped).is_dir() else str(base_path.resolve())
     card["base_name"] = card.get("name", "")  # the detections' model (`Landmarks.meta["model_ref"]`)
@@ -82,9 +80,6 @@ def write_site_model(base: str, layer: SiteLayer, out: str | Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out / "model.json"
-
-
-SITE_FOLDER = "site-model"  # beside the cases of an export folder
 
 
 def fit_site_from_export(root: str | Path, base_ref: str, names: Sequence[str], frame: str | None = None,
@@ -107,16 +102,14 @@ def fit_site_from_export(root: str | Path, base_ref: str, names: Sequence[str], 
         ids.append(entry["id"])
     if not preds:
         return None
-    frame = frame or ("sn" if {"S", "N"} <= set(names) else "mm")
-    return fit_layer(preds, truths, spacings, names, frame, shrink, ids)
+    return fit_layer(preds, truths, spacings, names, frame or default_frame(names), shrink, ids)
 
 
 def refit_site(root: str | Path, model: str, names: Sequence[str]) -> tuple[Path, int] | None:
     """After an Export: refit ``root/site-model`` from every case of ``model``'s base in the
     export folder; returns the adapted model's card and its number of cases (None: no case)."""
     base = base_model(model)
-    ref = json.loads(resolve(base).read_text()).get("name", base)
-    layer = fit_site_from_export(root, ref, names)
+    layer = fit_site_from_export(root, read_card(resolve(base)).get("name", base), names)
     if layer is None:
         return None
     return write_site_model(base, layer, Path(root) / SITE_FOLDER), len(layer.cases)
