@@ -15,7 +15,8 @@ from typing import Annotated, Optional, Union
 import qt
 import slicer
 import vtk
-from MedSapiensLandmarksLib.panel import ANATOMY_OWN, DEFAULTS, PanelController, finetune_outcome
+from MedSapiensLandmarksLib.errors import CheckpointError
+from MedSapiensLandmarksLib.panel import ANATOMY_OWN, DEFAULTS, PanelController, finetune_outcome, model_choices
 from slicer import (vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsLineNode, vtkMRMLScalarVolumeNode,
                     vtkMRMLVectorVolumeNode)
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
@@ -92,6 +93,10 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.modelFileButton.connect("clicked(bool)", self.onChooseModelFile)
+        self.ui.modelListComboBox.addItem("Models...", "")
+        for name, label in model_choices():
+            self.ui.modelListComboBox.addItem(label, name)
+        self.ui.modelListComboBox.connect("activated(int)", self.onModelListed)
         self.ui.spacingButton.connect("clicked(bool)", self.onSetSpacing)
         self.ui.calibrateButton.connect("clicked(bool)", self.onCalibrate)
         self.ui.rulerSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.rulerPlaceWidget.setCurrentNode)
@@ -223,6 +228,8 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def onDetect(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Landmark detection failed.", waitCursor=True):
+            if self.panel.download_needed(p) is not None:
+                self._download(p)
             if not self.logic.ensureDependencies(self.panel.dependencies(p)):
                 return
             self.ui.statusLabel.text = "Detecting..."
@@ -241,6 +248,31 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         with slicer.util.tryWithErrorDisplay("Ruler calibration failed."):
             self.panel.calibrate(p, p.ruler, str(p.rulerDistance))
             self._updateGui()
+
+    def _download(self, p) -> None:
+        """The chosen model from the model index, once, under Slicer's progress dialog."""
+        entry = self.panel.download_needed(p)
+        dialog = slicer.util.createProgressDialog(
+            windowTitle="MedSapiens Landmarks", maximum=100,
+            labelText=f"Downloading {p.model} ({entry['size'] / 1e6:.0f} MB), once; later runs use the copy.")
+
+        def progress(done: int, total: int) -> None:
+            dialog.value = int(100 * done / total) if total else 0
+            slicer.app.processEvents()
+            if dialog.wasCanceled:
+                raise CheckpointError(f"download of {p.model} cancelled; nothing was kept")
+
+        try:
+            self.panel.download(p, progress)
+        finally:
+            dialog.setParent(None)  # as Slicer's DICOM browser does: no hidden dialog left behind
+            dialog.close()
+
+    def onModelListed(self, index: int) -> None:
+        name = self.ui.modelListComboBox.itemData(index)
+        if name:
+            self._parameterNode.model = name
+        self.ui.modelListComboBox.setCurrentIndex(0)
 
     def onChooseModelFile(self) -> None:
         path = qt.QFileDialog.getOpenFileName(self.parent, "Model card or MedSapiens checkpoint", "",

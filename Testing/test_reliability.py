@@ -67,9 +67,9 @@ def test_dicom_spacing_tags_are_used(corpus):
     assert not none.spacing_known and none.spacing_source.startswith("none in the DICOM file")
 
 
-def test_huge_image_is_refused_from_its_header(corpus):
-    """In a fresh interpreter: this process's high-water mark already holds earlier tests' nets."""
-    path = dict((e.name, p) for e, p in corpus)["huge.png"]
+def header_refusal(path):
+    """read_image(path) in a fresh interpreter (this process's high-water mark already holds
+    earlier tests' nets): its error message and how much its peak memory grew."""
     code = textwrap.dedent("""
         import json, resource, sys
         from MedSapiensLandmarksLib.imageio import read_image
@@ -84,9 +84,26 @@ def test_huge_image_is_refused_from_its_header(corpus):
     """)
     res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
                          cwd=ROOT / "MedSapiensLandmarks")
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_huge_image_is_refused_from_its_header(corpus):
+    out = header_refusal(dict((e.name, p) for e, p in corpus)["huge.png"])
     assert "20000x20000 pixels is larger than the supported" in out["message"]
     assert out["grown_mb"] < 100  # 400 Mpixel (1.2 GB as RGB) never decoded
+
+
+def test_a_small_file_claiming_a_billion_voxels_is_refused_before_decoding(tmp_path):
+    """A 1 kB gzip NRRD of 2000x2000x250 (each slice within the per-slice cap): 1e9 voxels
+    took a worker to 3 GB before the whole-file cap was checked from the header."""
+    import gzip
+
+    path = tmp_path / "bomb.nrrd"
+    path.write_bytes(b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 2000 2000 250\nencoding: gzip\n\n"
+                     + gzip.compress(bytes(2**20)))
+    out = header_refusal(path)
+    assert "2000x2000x250 voxels (1,000,000,000 values) is larger than the supported" in out["message"]
+    assert out["grown_mb"] < 100
 
 
 def test_3d_volume_detects_on_the_chosen_slice(corpus, tmp_path):

@@ -13,8 +13,8 @@ def imports_of(path):
         if isinstance(node, ast.ImportFrom) and node.level == 1:
             if node.module:
                 out.add(node.module.split(".")[0])
-            else:
-                out.update(a.name for a in node.names)
+            else:  # a module, or a name of the package's __init__ (__version__), which imports nothing
+                out.update(a.name for a in node.names if (path.parent / f"{a.name}.py").exists())
     return out
 
 

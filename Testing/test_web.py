@@ -172,7 +172,8 @@ def test_detect_drag_export_finetune_in_a_real_browser(server, ceph_dir, tmp_pat
             "(unvalidated): The fine-tuned model could not be checked: 1 case(s) are too few to hold one "
             "back for a check (export at least 2).")
         browser.close()
-    assert (export.parent / f"{export.name}-model" / "model.json").exists()
+    (job,) = (export.parent / f"{export.name}-models").iterdir()  # one folder per fine-tune job
+    assert (job / "model.json").exists()
 
 
 def _get(url):

@@ -34,13 +34,16 @@ class OnnxBackend:
 
     name = "onnx"
 
-    def __init__(self, graphs: dict[str, Path], threads: int | None = None) -> None:
+    def __init__(self, graphs: dict[str, Path], threads: int | None = None, fold_int8: bool = False) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or default_threads()
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        if fold_int8:  # int8 weights as storage (`quantize`): back to float32 once, at load, instead
+            # of dequantizing on every run (ONNX Runtime keeps Q/DQ nodes for its int8 kernels)
+            opts.add_session_config_entry("session.disable_quant_qdq", "1")
         self.sessions = {}
         for stage, path in graphs.items():
             try:

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .catalog import Progress, embedded_dir, fetch_model, read_index
 from .errors import CheckpointError
 
 CARD_FORMAT_ONNX = "medsapiens-landmarks-model/2"
@@ -18,23 +19,38 @@ CARD_FORMAT_SAFETENSORS = "medsapiens-landmarks-model/1"
 DEFAULT_MODEL = "ceph-default"  # the release model; ceph-isbi2015 is the protocol model
 ALIASES = {"default": DEFAULT_MODEL}
 STAGES = ("coarse", "context", "refine")
+INT8_WEIGHTS = "int8-weights"  # a card's "graph_storage" when `quantize` stored its weights as int8
 
 
-def models_dir() -> Path:
-    """Shipped models: $MEDSAPIENS_MODELS, else the module's Resources/Models.
+def model_folders() -> list[Path]:
+    """Where models are looked up by name: the folders of $MEDSAPIENS_MODELS (an os.pathsep
+    list; offline sites copy model folders there), then the embedded models.
 
-    The module folder holds the Lib and Resources side by side both in the source tree and in
-    an installed Slicer extension, so the same relative path works in both.
+    The module folder holds the Lib and Resources side by side in the source tree, in an
+    installed Slicer extension and in the wheel, so the embedded path works in all three.
     """
-    env = os.environ.get("MEDSAPIENS_MODELS")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "Resources" / "Models"
+    env = os.environ.get("MEDSAPIENS_MODELS", "")
+    return [Path(p) for p in env.split(os.pathsep) if p] + [embedded_dir()]
 
 
-def resolve(model: str | Path) -> Path:
-    """Shipped model name ("default" included), path, or ``URL#sha256=HEX`` -> an existing path.
+def local_model(name: str) -> Path | None:
+    """The folder of a model called ``name`` in `model_folders`, if any."""
+    return next((folder / name for folder in model_folders() if (folder / name / "model.json").is_file()), None)
 
-    URLs are downloaded once into the per-user cache and checked against the SHA256; a ``.zip``
-    (a model folder published as a release asset) is unpacked there, once.
+
+def model_names() -> list[str]:
+    """Every model that can be asked for by name: local folders, then the index."""
+    names = {p.name for folder in model_folders() if folder.is_dir() for p in folder.iterdir()
+             if (p / "model.json").is_file()}
+    return sorted(names) + sorted(set(read_index()) - names)
+
+
+def resolve(model: str | Path, progress: Progress | None = None) -> Path:
+    """Model name ("default" included), path, or ``URL#sha256=HEX`` -> an existing path.
+
+    A name is looked up in `model_folders`, then in the model index (downloaded once into the
+    per-user cache, with ``progress(done, total)``). URLs are downloaded once and checked against
+    the SHA256; a ``.zip`` (a model folder published as a release asset) is unpacked, once.
     """
     name = ALIASES.get(str(model), str(model))
     if "://" in name:
@@ -43,17 +59,19 @@ def resolve(model: str | Path) -> Path:
         url, _, digest = name.partition("#sha256=")
         if len(digest) != 64:
             raise CheckpointError(f"{url}: a model URL needs '#sha256=<64 hex digits>'")
-        path = fetch(url, digest)
+        path = fetch(url, digest, progress=progress)
         return resolve(unpack(path)) if path.suffix == ".zip" else path
-    shipped = models_dir() / name
-    if shipped.is_dir():
-        return shipped / "model.json"
+    folder = local_model(name)
+    if folder is not None:
+        return folder / "model.json"
+    if name in read_index():
+        return fetch_model(name, progress)
     path = Path(model)
     if path.is_dir():
         path = path / "model.json"
     if not path.exists():
-        raise CheckpointError(f"{model}: model not found (neither a shipped model in "
-                              f"{models_dir()} nor an existing file)")
+        raise CheckpointError(f"{model}: model not found (neither a model name - "
+                              f"{', '.join(model_names()) or 'none here'} - nor an existing file)")
     return path
 
 

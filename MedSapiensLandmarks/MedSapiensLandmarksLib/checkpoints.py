@@ -98,7 +98,7 @@ def save_model(out_dir: Path, card: dict[str, Any], nets: dict[str, LandmarkNet]
         spec = card[stage]["input"]
         graphs[stage] = f"{stage}.onnx"
         export_graph(net, (spec.get("channels", 1), *spec["size"]), out_dir / graphs[stage])
-    card = {k: v for k, v in card.items() if k != "weights"}
+    card = {k: v for k, v in card.items() if k not in ("weights", "graph_storage")}  # float16 again
     card = {**card, "format": CARD_FORMAT_ONNX, "graphs": graphs}
     with atomic_write(out_dir / "model.json") as tmp:
         tmp.write_text(json.dumps(card, indent=2) + "\n")

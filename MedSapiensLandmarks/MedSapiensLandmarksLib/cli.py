@@ -360,7 +360,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_sessions < 1:
         raise UsageError("--max-sessions must be at least 1")
     serve(args.host, args.port, args.export_dir, args.model, token=args.token,
-          max_sessions=args.max_sessions, idle_s=args.session_timeout, anatomy=args.anatomy)
+          max_sessions=args.max_sessions, idle_s=args.session_timeout, anatomy=args.anatomy,
+          upstream_timeout_s=args.upstream_timeout)
     return 0
 
 
@@ -490,6 +491,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append the tables (with date, machine, torch, threads) to this markdown file")
     b.add_argument("--json", default=None)
     b.set_defaults(func=cmd_bench)
+    q = sub.add_parser("quantize", help="store a model's weights as int8 (the shipped form; float32 compute)")
+    q.add_argument("model", help="model folder or model.json with float16 graphs")
+    q.add_argument("-o", "--output", required=True, help="model folder to write")
+    q.set_defaults(func=cmd_quantize)
+    r = sub.add_parser("release", help="publish: model zips + the model index; the extension's repository")
+    r.add_argument("-o", "--output", required=True, help="folder for the zips and their index.json")
+    r.add_argument("--models", default=None, help="comma list of model folders (default: all in the tree)")
+    r.add_argument("--base-url", default=None, help="where the zips will be served (default: GitHub releases)")
+    r.add_argument("--update-index", action="store_true",
+                   help="also write the index into the tree (Resources/Models/index.json)")
+    r.add_argument("--extension-repo", default=None, metavar="DIR",
+                   help="also build the Extensions Index's repository here (one commit, embedded models only)")
+    r.set_defaults(func=cmd_release)
     w = sub.add_parser("serve", help="browser front end (trame-slicer) on this machine")
     w.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     w.add_argument("--port", type=int, default=8080)
@@ -502,8 +516,65 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-sessions", type=int, default=4, help="browsers served at once (one worker each)")
     w.add_argument("--session-timeout", type=float, default=120.0,
                    help="seconds after its page closes before a session ends and its uploads are deleted")
+    w.add_argument("--upstream-timeout", type=float, default=120.0,
+                   help="seconds to wait for a session worker's answer before telling the page it hangs")
     w.set_defaults(func=cmd_serve)
     return p
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .cards import read_card, resolve
+    from .quantize import quantize_model
+
+    card_path = resolve(args.model)
+    if read_card(card_path).get("graph_storage"):
+        raise UsageError(f"{card_path}: its weights are already int8")
+    quantize_model(card_path, Path(args.output))
+    print(f"model written: {Path(args.output) / 'model.json'}")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    """Zip the model folders, write their index; optionally build the extension repository."""
+    import shutil
+
+    from .catalog import INDEX_NAME, embedded_dir
+    from .release import build_assets, build_extension_repo, release_folders
+
+    folders = release_folders(args.models.split(",") if args.models else None)
+    index = build_assets(folders, Path(args.output), args.base_url)
+    for entry in json.loads(index.read_text())["models"].values():
+        print(f"{entry['url']}  {entry['size'] / 1e6:.1f} MB  sha256 {entry['sha256']}")
+    print(f"index: {index}")
+    if args.update_index:
+        shutil.copyfile(index, embedded_dir() / INDEX_NAME)
+        print(f"index: {embedded_dir() / INDEX_NAME}")
+    if args.extension_repo:
+        root = Path(__file__).resolve().parents[2]
+        print(f"extension repository: {build_extension_repo(root, Path(args.extension_repo))}")
+    return 0
+
+
+def fetch_named_model(model: str) -> None:
+    """Download a model of the index before a command runs it, with a progress bar (once;
+    later runs find it in the cache)."""
+    from tqdm import tqdm
+
+    from .cards import resolve
+
+    bar: list[tqdm] = []
+
+    def progress(done: int, total: int) -> None:
+        if not bar:
+            bar.append(tqdm(total=total or None, unit="B", unit_scale=True, desc=f"downloading {model}",
+                            file=sys.stderr))
+        bar[0].update(done - bar[0].n)
+
+    try:
+        resolve(model, progress=progress)
+    finally:
+        for b in bar:
+            b.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -512,6 +583,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "model", None):
+            fetch_named_model(args.model)
         return args.func(args)
     except (UsageError, ImageError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -4,24 +4,33 @@ The gateway is the only public listener. A browser that opens the page (with the
 token when the server is reachable from the network) gets a session cookie and its own
 worker: a `web` app with its own slice view, scene, uploads and export folder, bound to
 127.0.0.1 on a free port. Every HTTP request and WebSocket of that browser is proxied to its
-worker, so two people never see each other's radiograph, points or exports. Past
+worker, so two people never see each other's radiograph, points or exports. A worker answers
+only requests that carry its session's secret (which the gateway alone holds: it is handed over
+in the environment, never on a command line), and the gateway relays only answers that carry
+the worker's proof of that secret: another local program can neither talk to a worker nor pose
+as one on a port a dead worker left. Workers exit when the gateway does, however it ends (their
+standard input is a pipe from it). Past
 ``max_sessions`` a new browser is told to come back later; a session whose page is closed
 for ``idle_s`` seconds is ended: its worker stops and its uploaded files are deleted.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
+import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .processes import own_group, stop_tree
 
@@ -29,6 +38,52 @@ COOKIE = "medsapiens_session"
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
               "trailer", "transfer-encoding", "upgrade", "content-length", "host"}
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SECRET_ENV = "MEDSAPIENS_WORKER_SECRET"  # how a worker gets its secret (not visible in `ps`)
+SECRET_HEADER = "X-MedSapiens-Worker"  # gateway -> worker: the session's secret
+PROOF_HEADER = "X-MedSapiens-Worker-Proof"  # worker -> gateway: it knows the secret
+MAX_MESSAGE = 256 * 2**20  # a WebSocket message: an upload (<= 200 MB) and its framing
+MAX_BODY = 2**20  # an HTTP request body: the page sends its data over the WebSocket
+
+
+def proof(secret: str) -> str:
+    return hmac.new(secret.encode(), b"medsapiens-worker", hashlib.sha256).hexdigest()
+
+
+def guard_worker(app: Any, secret: str) -> None:
+    """Make the worker's aiohttp ``app`` answer only the gateway (``secret`` on every request)
+    and sign its answers with `proof`; called before the app starts."""
+    from aiohttp import web
+
+    signature = proof(secret)
+
+    @web.middleware
+    async def only_gateway(request: Any, handler: Any) -> Any:
+        if not hmac.compare_digest(request.headers.get(SECRET_HEADER, "").encode(), secret.encode()):
+            return web.Response(status=403, text="This worker answers its gateway only.\n")
+        return await handler(request)
+
+    async def sign(_request: Any, response: Any) -> None:
+        response.headers[PROOF_HEADER] = signature
+
+    app.middlewares.insert(0, only_gateway)
+    app.on_response_prepare.append(sign)
+
+
+def exit_with_parent(shutdown: Callable[[], None]) -> None:
+    """In a worker: run ``shutdown`` and exit when the gateway's end of standard input closes
+    (it exited, was killed or crashed) or the gateway stops it (SIGTERM)."""
+    def leave(*_: Any) -> None:
+        try:
+            shutdown()
+        finally:
+            os._exit(0)
+
+    def watch() -> None:
+        while sys.stdin.buffer.read(1 << 16):
+            pass
+        leave()
+    threading.Thread(target=watch, daemon=True, name="exit-with-gateway").start()
+    signal.signal(signal.SIGTERM, leave)
 
 
 @dataclass
@@ -37,6 +92,7 @@ class Session:
     port: int
     proc: subprocess.Popen
     uploads: Path
+    secret: str
     sockets: int = 0
     last_seen: float = field(default_factory=time.monotonic)
 
@@ -52,11 +108,11 @@ class Gateway:
 
     def __init__(self, export_dir: str | Path, model: str = "default", token: str | None = None,
                  max_sessions: int = 4, idle_s: float = 120.0, start_timeout_s: float = 180.0,
-                 anatomy: str | None = None, loopback: bool = True) -> None:
+                 anatomy: str | None = None, loopback: bool = True, upstream_timeout_s: float = 120.0) -> None:
         self.export_dir = Path(export_dir).resolve()
         self.loopback = loopback  # bound to loopback only: the Host must name it
         self.model, self.token, self.max_sessions, self.anatomy = model, token, max_sessions, anatomy
-        self.idle_s, self.start_timeout_s = idle_s, start_timeout_s
+        self.idle_s, self.start_timeout_s, self.upstream_timeout_s = idle_s, start_timeout_s, upstream_timeout_s
         self.sessions: dict[str, Session] = {}
         self.uploads_root = Path(tempfile.mkdtemp(prefix="medsapiens-uploads-"))
         self._lock = asyncio.Lock()
@@ -64,7 +120,7 @@ class Gateway:
 
     # -- sessions ------------------------------------------------------------------------
     async def _start_session(self) -> Session:
-        sid = secrets.token_urlsafe(24)
+        sid, secret = secrets.token_urlsafe(24), secrets.token_urlsafe(32)
         port = free_port()
         label = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)  # nothing of the cookie
         uploads, exports = self.uploads_root / label, self.export_dir / label
@@ -73,26 +129,36 @@ class Gateway:
                "--export-dir", str(exports), "--upload-dir", str(uploads), "--model", self.model,
                "--idle-timeout", str(int(self.idle_s) + 60)]
         cmd += ["--anatomy", self.anatomy] if self.anatomy else []
-        proc = subprocess.Popen(cmd, cwd=str(Path(__file__).resolve().parents[1]),
+        proc = subprocess.Popen(cmd, cwd=str(Path(__file__).resolve().parents[1]), stdin=subprocess.PIPE,
+                                env={**os.environ, SECRET_ENV: secret},
                                 **own_group())  # its messages go to the server console
-        session = Session(sid, port, proc, uploads)
+        session = Session(sid, port, proc, uploads, secret)
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                self._end(session)
+                await self._end(session)
                 raise RuntimeError(f"the session worker exited with code {proc.returncode}")
             try:
-                _reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                return session
-            except OSError:
-                await asyncio.sleep(0.3)
-        self._end(session)
+                async with self._client.get(f"http://127.0.0.1:{port}/", headers={SECRET_HEADER: secret},
+                                            timeout=self._timeout(10)) as answer:
+                    if answer.headers.get(PROOF_HEADER) == proof(secret):
+                        return session
+            except (OSError, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(0.3)
+        await self._end(session)
         raise RuntimeError("the session worker did not start in time")
 
-    def _end(self, session: Session) -> None:
-        """Stop the worker (its whole process group) and delete the session's uploads."""
+    async def _end(self, session: Session) -> None:
+        """Stop the worker (its whole process group) and delete the session's uploads, off the
+        event loop: a hung worker takes seconds to stop, the other sessions go on meanwhile."""
         self.sessions.pop(session.id, None)
+        await asyncio.get_running_loop().run_in_executor(None, self._stop, session)
+
+    @staticmethod
+    def _stop(session: Session) -> None:
+        if session.proc.stdin:
+            session.proc.stdin.close()  # the worker exits on this alone, whatever else happens
         stop_tree(session.proc)
         shutil.rmtree(session.uploads, ignore_errors=True)
 
@@ -103,12 +169,19 @@ class Gateway:
             now = time.monotonic()
             for s in list(self.sessions.values()):
                 if s.proc.poll() is not None or (s.sockets == 0 and now - s.last_seen > self.idle_s):
-                    self._end(s)
+                    asyncio.create_task(self._end(s))
 
     def close(self) -> None:
+        """Stop every worker and delete every upload (idempotent; also on a second signal)."""
         for s in list(self.sessions.values()):
-            self._end(s)
+            self.sessions.pop(s.id, None)
+            self._stop(s)
         shutil.rmtree(self.uploads_root, ignore_errors=True)
+
+    def _timeout(self, seconds: float) -> Any:
+        import aiohttp
+
+        return aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=seconds)
 
     # -- requests ------------------------------------------------------------------------
     def cross_site(self, request: Any) -> str:
@@ -141,11 +214,17 @@ class Gateway:
         refused = self.cross_site(request)
         if refused:
             return web.Response(status=403, text=f"Cross-site request refused: {refused}.\n")
-        session = self.sessions.get(request.cookies.get(COOKIE, ""))
+        cookie = request.cookies.get(COOKIE, "")
+        session = self.sessions.get(cookie)
+        if session is not None and session.proc.poll() is not None:  # its worker died
+            await self._end(session)
+            return web.Response(status=410, text="This session's worker stopped (see the server's "
+                                "console); reload the page to start a new session.\n")
         if session is None:
             if not self._token_ok(request):
-                return web.Response(status=403, text="Access token required: open the address the "
-                                    "server printed when it started (…/?token=…).\n")
+                ended = "Your session has ended (page closed too long, or the server restarted). " if cookie else ""
+                return web.Response(status=403, text=f"{ended}Access token required: open the address "
+                                    "the server printed when it started (…/?token=…).\n")
             if not self.page_load(request):
                 return web.Response(status=403, text="No session: open the page first.\n")
             async with self._lock:
@@ -166,26 +245,49 @@ class Gateway:
             return await self._proxy_ws(request, session)
         return await self._proxy_http(request, session)
 
-    async def _proxy_http(self, request: Any, session: Session) -> Any:
-        from aiohttp import web
+    def _upstream_headers(self, request: Any, session: Session) -> dict[str, str]:
+        """The browser's headers for the worker: its own cookie stays here, the secret is added."""
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | {"cookie"}}
+        headers[SECRET_HEADER] = session.secret
+        return headers
 
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        async with self._client.request(request.method, f"http://127.0.0.1:{session.port}{request.path_qs}",
-                                        headers=headers, data=await request.read(),
-                                        allow_redirects=False) as upstream:
-            body = await upstream.read()
-            out = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
-            return web.Response(status=upstream.status, body=body, headers=out)
+    async def _proxy_http(self, request: Any, session: Session) -> Any:
+        from aiohttp import ClientError, web
+
+        try:
+            async with self._client.request(request.method, f"http://127.0.0.1:{session.port}{request.path_qs}",
+                                            headers=self._upstream_headers(request, session),
+                                            data=await request.read(), allow_redirects=False,
+                                            timeout=self._timeout(self.upstream_timeout_s)) as upstream:
+                if upstream.headers.get(PROOF_HEADER) != proof(session.secret):
+                    await self._end(session)
+                    return web.Response(status=502, text="The session's worker did not answer as "
+                                        "itself; the session was ended. Reload the page.\n")
+                body = await upstream.read()
+                out = {k: v for k, v in upstream.headers.items()
+                       if k.lower() not in HOP_BY_HOP and k != PROOF_HEADER}
+                return web.Response(status=upstream.status, body=body, headers=out)
+        except asyncio.TimeoutError:
+            return web.Response(status=504, text=f"The session's worker gave no answer in "
+                                f"{self.upstream_timeout_s:g} s.\n")
+        except (OSError, ClientError):
+            return web.Response(status=502, text="The session's worker cannot be reached; reload the page.\n")
 
     async def _proxy_ws(self, request: Any, session: Session) -> Any:
-        from aiohttp import WSMsgType, web
+        from aiohttp import ClientError, WSMsgType, web
 
-        browser = web.WebSocketResponse(max_msg_size=0, compress=False, heartbeat=30)
+        browser = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, compress=False, heartbeat=30)
         await browser.prepare(request)
         session.sockets += 1
         try:
             async with self._client.ws_connect(f"http://127.0.0.1:{session.port}{request.path_qs}",
-                                               max_msg_size=0) as worker:
+                                               headers={SECRET_HEADER: session.secret},  # its own handshake
+                                               max_msg_size=MAX_MESSAGE, heartbeat=30) as worker:
+                answer = getattr(worker, "_response", None)  # aiohttp keeps the upgrade answer there
+                if answer is None or answer.headers.get(PROOF_HEADER) != proof(session.secret):
+                    await browser.close(code=1011, message=b"the session's worker did not answer as itself")
+                    return browser
+
                 async def pump(src: Any, dst: Any) -> None:
                     async for msg in src:
                         if msg.type == WSMsgType.BINARY:
@@ -198,6 +300,8 @@ class Gateway:
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 for t in tasks:
                     t.cancel()
+        except (OSError, ClientError, asyncio.TimeoutError):
+            pass  # the browser sees its socket close
         finally:
             session.sockets -= 1
             session.last_seen = time.monotonic()
@@ -214,11 +318,13 @@ class Gateway:
             app["reaper"] = asyncio.create_task(self.reap())
 
         async def cleanup(app: Any) -> None:
+            for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut cleanup short
+                signal.signal(sig, signal.SIG_IGN)
             app["reaper"].cancel()
             await self._client.close()
             self.close()
 
-        application = web.Application(client_max_size=300 * 2 ** 20)
+        application = web.Application(client_max_size=MAX_BODY)
         application.router.add_route("*", "/{tail:.*}", self.handle)
         application.on_startup.append(startup)
         application.on_cleanup.append(cleanup)
@@ -227,15 +333,20 @@ class Gateway:
 
 def serve(host: str = "127.0.0.1", port: int = 8080, export_dir: str = "medsapiens-cases",
           model: str = "default", token: str | None = None, max_sessions: int = 4,
-          idle_s: float = 120.0, anatomy: str | None = None) -> None:
+          idle_s: float = 120.0, anatomy: str | None = None, upstream_timeout_s: float = 120.0) -> None:
     """Run the gateway until interrupted; off loopback a token is always required."""
     from aiohttp import web
 
     if token is None and host not in LOOPBACK:
         token = secrets.token_urlsafe(24)
     gateway = Gateway(export_dir, model, token, max_sessions, idle_s, anatomy=anatomy,
-                      loopback=host in LOOPBACK)
+                      loopback=host in LOOPBACK, upstream_timeout_s=upstream_timeout_s)
     query = f"?token={token}" if token else ""
     print(f"MedSapiens Landmarks: open http://{host}:{port}/{query} "
           f"(up to {max_sessions} sessions; exports under {gateway.export_dir})", flush=True)
-    web.run_app(gateway.app(), host=host, port=port, print=None, handle_signals=True)
+    try:
+        web.run_app(gateway.app(), host=host, port=port, print=None, handle_signals=True)
+    finally:  # however run_app ended (a second signal included): no worker, no upload left
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        gateway.close()

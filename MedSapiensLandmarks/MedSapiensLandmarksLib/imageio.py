@@ -18,7 +18,8 @@ import SimpleITK as sitk
 
 # Formats whose files carry no physical spacing (SimpleITK reports 1.0).
 PLAIN_FORMATS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-MAX_PIXELS = 100_000_000
+MAX_PIXELS = 100_000_000  # per slice
+MAX_VOXELS = 400_000_000  # a whole file (all slices and colour components), before decoding
 SPACING_RANGE_MM = (0.01, 10.0)  # what a pixel of a radiograph can measure
 # File signatures -> ITK reader, for files whose extension does not match their content.
 MAGIC = [(b"\xff\xd8\xff", "JPEGImageIO"), (b"\x89PNG\r\n\x1a\n", "PNGImageIO"),
@@ -29,6 +30,14 @@ DICOM_SPACING_TAGS = ("0028|0030", "0018|1164", "0018|1114")
 
 class ImageError(ValueError):
     """An input image that cannot be used; the message names the file and the problem."""
+
+
+class SliceNeeded(ImageError):
+    """A 3D volume read without a slice choice; ``slices`` along the k axis to choose from."""
+
+    def __init__(self, message: str, slices: int) -> None:
+        super().__init__(message)
+        self.slices = slices
 
 
 @dataclass
@@ -144,6 +153,10 @@ def _read(path: Path, name: str, io: str | None) -> tuple[sitk.ImageFileReader, 
         if size[0] * size[1] > MAX_PIXELS:
             raise ImageError(f"{path}: image of {'x'.join(map(str, size))} pixels is larger than "
                              f"the supported {MAX_PIXELS:,} pixels per slice")
+        voxels = int(np.prod(size, dtype=np.int64)) * reader.GetNumberOfComponents()
+        if voxels > MAX_VOXELS:
+            raise ImageError(f"{path}: {'x'.join(map(str, size))} voxels ({voxels:,} values) is larger than the "
+                             f"supported {MAX_VOXELS:,}: save the slice to detect on as its own file")
         return reader, reader.Execute()
     except RuntimeError as err:
         first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown error"
@@ -212,8 +225,8 @@ def slice_volume(name: str, arr: np.ndarray, cols: np.ndarray, org: np.ndarray,
         if depth == 1:
             slice_index, axis = 0, 2
         else:
-            raise ImageError(f"{name}: 3D volume ({arr.shape[2]}x{arr.shape[1]}x{depth}); "
-                             f"choose a slice (--slice INDEX [--axis 0|1|2])")
+            raise SliceNeeded(f"{name}: 3D volume ({arr.shape[2]}x{arr.shape[1]}x{depth}); "
+                              f"choose a slice (--slice INDEX [--axis 0|1|2])", depth)
     if axis not in (0, 1, 2):
         raise ImageError(f"{name}: slice axis must be 0, 1 or 2, got {axis}")
     n = arr.shape[2 - axis]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends import Backend, OnnxBackend, TorchBackend
-from .cards import CARD_FORMAT_ONNX, default_backend, graph_paths, read_card, resolve
+from .cards import CARD_FORMAT_ONNX, INT8_WEIGHTS, default_backend, graph_paths, read_card, resolve
 from .errors import CheckpointError
 
 BACKENDS = ("onnx", "torch")
@@ -38,7 +38,8 @@ def load_model(model: str | Path = "default", device: str | None = None, threads
     if backend == "onnx":
         if not onnx_card:
             raise CheckpointError(f"{path}: a safetensors model (format 1) runs on the torch backend only")
-        onnx_backend = OnnxBackend(graph_paths(card, path), threads=threads)
+        onnx_backend = OnnxBackend(graph_paths(card, path), threads=threads,
+                                   fold_int8=card.get("graph_storage") == INT8_WEIGHTS)
         check_graphs(card, onnx_backend, path)
         return card, onnx_backend
     from .checkpoints import card_nets

@@ -24,7 +24,7 @@ from .errors import CheckpointError
 OPSET = 17
 _ROLES = {"Conv": ("weight", "bias"), "ConvTranspose": ("weight", "bias"),
           "BatchNormalization": ("weight", "bias", "running_mean", "running_var")}
-_FP32 = "::fp32"
+FP32 = "::fp32"
 
 
 def export_graph(net: torch.nn.Module, input_chw: tuple[int, int, int], path: Path) -> Path:
@@ -73,13 +73,13 @@ def _name_weights_fp16(model: onnx.ModelProto, state: dict[str, np.ndarray]) -> 
                 raise CheckpointError(f"ONNX export: cannot match input {i} of {node.name} to "
                                       f"parameter {key}")
             used[key] = state[key]
-            node.input[i] = key + _FP32
+            node.input[i] = key + FP32
     missing = [k for k in state if k not in used]
     if missing:
         raise CheckpointError(f"ONNX export: parameters not found in the graph: {', '.join(missing[:5])}")
     for node in graph.node:  # anything else that read an original weight reads its cast
-        node.input[:] = [n + _FP32 if n in used else n for n in node.input]
-    casts = [helper.make_node("Cast", [k], [k + _FP32], to=onnx.TensorProto.FLOAT, name=f"cast:{k}")
+        node.input[:] = [n + FP32 if n in used else n for n in node.input]
+    casts = [helper.make_node("Cast", [k], [k + FP32], to=onnx.TensorProto.FLOAT, name=f"cast:{k}")
              for k in used]
     # An Identity the exporter made for a de-duplicated weight is replaced by that weight.
     nodes = casts + [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in used)]
@@ -110,11 +110,19 @@ def _module_path(node_name: str) -> str:
 
 
 def read_graph_weights(path: Path) -> dict[str, np.ndarray]:
-    """The named float16 weights of a graph written by `export_graph`, as float32 arrays."""
+    """The named weights of a graph written by `export_graph` (float16) or made int8 by
+    `quantize.quantize_weights`, as float32 arrays."""
     try:
         model = onnx.load(str(path))
     except (OSError, ValueError, RuntimeError, DecodeError) as err:
         raise CheckpointError(f"{path}: not a readable ONNX file ({err})") from None
-    cast_inputs = {n.input[0] for n in model.graph.node if n.op_type == "Cast" and n.output[0].endswith(_FP32)}
-    return {i.name: numpy_helper.to_array(i).astype(np.float32)
-            for i in model.graph.initializer if i.name in cast_inputs}
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    weights = {}
+    for node in model.graph.node:
+        if not node.output[0].endswith(FP32):
+            continue
+        value = inits[node.input[0]].astype(np.float32)
+        if node.op_type == "DequantizeLinear":  # int8 with one scale per output channel
+            value = value * inits[node.input[1]].reshape(-1, *[1] * (value.ndim - 1))
+        weights[node.input[0]] = value
+    return weights

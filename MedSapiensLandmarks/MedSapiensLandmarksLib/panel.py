@@ -125,6 +125,19 @@ class PanelController:
         return params.sliceIndex if image is not None and image.GetDimensions()[2] > 1 else None
 
     # -- actions ------------------------------------------------------------------------------
+    def download_needed(self, params: Any) -> dict[str, Any] | None:
+        """The index entry of the chosen model when Detect must download it first (once)."""
+        from .cards import ALIASES, model_folders
+        from .catalog import needs_download
+
+        return needs_download(ALIASES.get(params.model, params.model), model_folders())
+
+    def download(self, params: Any, progress: Callable[[int, int], None]) -> Path:
+        """Fetch the chosen model into the per-user cache (digest checked) with ``progress``."""
+        from .cards import resolve
+
+        return resolve(params.model, progress=progress)
+
     def dependencies(self, params: Any) -> str:
         """What Detect needs installed: the chosen model *and* device decide the backend."""
         from .cards import backend_kind
@@ -186,6 +199,27 @@ class PanelController:
         set_volume_spacing(self.logic.scene, params.inputVolume, mm,
                            f"ruler: {distance:g} mm over two points")
         return mm
+
+
+def model_choices() -> list[tuple[str, str]]:
+    """(name, label) of each model asked for by name: local ones, then the model index's, with
+    what they detect and whether a first use downloads them."""
+    from .cards import ALIASES, local_model, model_names, read_card
+    from .catalog import cached_card, read_index
+
+    index, choices = read_index(), []
+    for name in model_names():
+        entry = index.get(name)
+        folder = local_model(name)
+        if folder is not None:
+            card = read_card(folder / "model.json")
+            where = f"{len(card['landmarks'])} landmarks on {card.get('anatomy', 'a radiograph')}"
+        else:
+            size = "" if cached_card(entry) else f"; downloaded once, {entry['size'] / 1e6:.0f} MB"
+            where = entry["detects"] + size
+        default = " (default)" if name == ALIASES["default"] else ""
+        choices.append((name, f"{name}{default}: {where}"))
+    return choices
 
 
 def adapted_text(cases: int) -> str:

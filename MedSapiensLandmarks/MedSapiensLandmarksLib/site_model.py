@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from .adaptation import DEFAULT_SHRINK, SiteLayer, default_frame, fit_layer
-from .cards import ALIASES, models_dir, read_card, resolve
+from .cards import ALIASES, model_names, read_card, resolve
 from .datasets import Case
 from .detector import Detector
 from .export import read_index
@@ -64,7 +64,7 @@ def write_site_model(base: str, layer: SiteLayer, out: str | Path) -> Path:
     base_path = resolve(base)
     card = read_card(base_path)
     shipped = ALIASES.get(str(base), str(base))
-    card["base"] = shipped if (models_dir() / shipped).is_dir() else str(base_path.resolve())
+    card["base"] = shipped if shipped in model_names() else str(base_path.resolve())  # a name travels
     card["base_name"] = card.get("name", "")  # the detections' model (`Landmarks.meta["model_ref"]`)
     card["name"] = f"{card.get('name', 'model')} adapted to {len(layer.cases)} site cases"
     card["site_layer"] = layer.to_json()

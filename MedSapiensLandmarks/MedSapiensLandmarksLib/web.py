@@ -7,10 +7,14 @@ session (`python -m MedSapiensLandmarksLib.web`, started by the `gateway`).
 """
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import re
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,17 +22,45 @@ from typing import Any
 import numpy as np
 import vtk
 
+from .cards import ALIASES
 from .detector import Detector
 from .export import ExportError
-from .imageio import ImageError, Radiograph, read_image
+from .gateway import SECRET_ENV, exit_with_parent, guard_worker
+from .imageio import ImageError, Radiograph, SliceNeeded, read_image
 from .inputs import IMAGE_SUFFIXES
 from .logic import FinetuneJob, LandmarksLogic
 from .cephalometry import cells
 from .mrml import ATTR_SPACING, ijk_to_ras, plausibility_warning, spacing_text, table_rows
-from .panel import PanelController, adapted_text, finetune_outcome
+from .errors import CheckpointError
+from .panel import PanelController, adapted_text, finetune_outcome, model_choices
 
 MAX_UPLOAD_BYTES = 200 * 1024 * 1024
 _SAFE_NAME = re.compile(r"[^\W_][\w .()+-]{0,150}")  # letters of any script, no separators
+
+
+class ModelDownload:
+    """A model of the index fetched in a thread; the page's poll reads its progress."""
+
+    def __init__(self, model: str) -> None:
+        self.model, self.done, self.total, self.error, self.finished = model, 0, 0, "", False
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        from .cards import resolve
+
+        try:
+            resolve(self.model, progress=self._progress)
+        except CheckpointError as err:
+            self.error = str(err)
+        finally:
+            self.finished = True
+
+    def _progress(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+
+    def status(self) -> str:
+        total = f" of {self.total / 1e6:.1f}" if self.total else ""
+        return f"downloading {self.model} (once): {self.done / 1e6:.1f}{total} MB"
 
 
 class UploadError(ValueError):
@@ -79,6 +111,7 @@ class LandmarksWebApp:
         self.panel = PanelController(self.logic)  # the Slicer panel's rules: spacing, ruler
         self.ruler: Any = None
         self.anatomy = anatomy
+        model = ALIASES.get(model, model)  # "default" is listed by its name
         if detector is not None:
             self.logic.add_detector(model, detector, anatomy=anatomy)
         self.model, self.export_dir = model, Path(export_dir).resolve()
@@ -88,13 +121,18 @@ class LandmarksWebApp:
         self.volume_dir: Path | None = None
         self.markups: Any = None
         self.job: FinetuneJob | None = None
+        self.download: ModelDownload | None = None
+        self.pending: Path | None = None  # a 3D upload waiting for its slice choice
         state = self.server.state
         state.update({"upload": None, "status": "Open a radiograph (PNG, JPEG, DICOM, NRRD…)",
                       "error": "", "rows": [], "case_id": "", "can_detect": False, "can_export": False,
                       "finetune_progress": 0, "finetune_running": False, "points_view": [], "spacing": "",
                       "warning": "", "measurements": [], "tracing": False, "report": False,
-                      "spacing_info": "", "ruler_mm": "10", "has_ruler": False})
+                      "spacing_info": "", "ruler_mm": "10", "has_ruler": False, "model": model,
+                      "models": [{"title": label, "value": name} for name, label in model_choices()],
+                      "downloading": False, "slices": 0, "slice_index": 0})
         state.change("upload")(self.on_upload)
+        state.change("model")(self.on_model)
         state.change("tracing")(lambda **_: self.refresh())
         self._build_ui()
         self.layouts.set_layout("slice")
@@ -114,20 +152,57 @@ class LandmarksWebApp:
                 raise UploadError(f"{name}: larger than {MAX_UPLOAD_BYTES // 2**20} MB")
             path = self.uploads / name
             path.write_bytes(content)
-            self.load(path)
+            try:
+                self.load(path)
+            except SliceNeeded as err:  # a 3D volume: the page offers the slice choice
+                self.pending = path
+                with self.server.state as s:
+                    s.slices, s.slice_index = err.slices, err.slices // 2
+                    s.error = ""
+                    s.status = f"{name}: a 3D volume of {err.slices} slices: choose the slice to detect on"
+                return
+            except ImageError:
+                path.unlink(missing_ok=True)  # a refused upload does not wait for the session's end
+                raise
         except (UploadError, ImageError) as err:
             self._error(str(err))
         finally:
             self.server.state.upload = None  # the same file can be opened again
 
-    def load(self, path: str | Path) -> None:
-        """Show an image file in the slice view (any format the CLI reads)."""
+    def on_model(self, model: str = "", **_: Any) -> None:
+        """Another model by name; one that no folder holds is downloaded first, in the background."""
+        from .cards import model_folders
+        from .catalog import needs_download
+
+        if not model or model == self.model or self.download is not None:
+            return
+        if needs_download(ALIASES.get(model, model), model_folders()) is None:
+            self.model = model
+            self.server.state.status = f"model: {model}"
+            return
+        self.download = ModelDownload(model)
+        with self.server.state as s:
+            s.downloading, s.status = True, self.download.status()
+
+    def load_slice(self) -> None:
+        """The chosen slice of the 3D volume uploaded last."""
+        if self.pending is None:
+            return self._error("upload a 3D volume first")
+        try:
+            self.load(self.pending, int(self.server.state.slice_index))
+        except (ImageError, ValueError) as err:
+            return self._error(str(err))
+        with self.server.state as s:
+            s.slices = 0
+
+    def load(self, path: str | Path, slice_index: int | None = None) -> None:
+        """Show an image file (a 3D volume: one of its slices) in the slice view."""
         text = str(self.server.state.spacing or "").strip()
         try:
             spacing = float(text) if text else None
         except ValueError:
             raise ImageError(f"pixel spacing {text!r} is not a number (mm per pixel)") from None
-        image = read_image(path, spacing=spacing)
+        image = read_image(path, spacing=spacing, slice_index=slice_index)
         # Its own folder: Slicer's archetype reader takes numbered files of one folder
         # (151.nrrd, 152.nrrd) for a series, and the second image of a session failed to load.
         folder = Path(tempfile.mkdtemp(prefix="volume-", dir=self.uploads))
@@ -259,13 +334,18 @@ class LandmarksWebApp:
     def finetune(self) -> None:
         if not (self.export_dir / "dataset.json").exists():
             return self._error("export at least one case first")
-        self.job = FinetuneJob(self.export_dir, self.export_dir.parent / f"{self.export_dir.name}-model",
+        if self.job is not None:
+            return self._error("a fine-tune of this session is already running: wait for its result")
+        stamp = time.strftime("%Y%m%d-%H%M%S")  # one folder per job: a model in use is never rewritten
+        self.job = FinetuneJob(self.export_dir, self.export_dir.parent / f"{self.export_dir.name}-models" / stamp,
                                init=self.model)
         self.server.state.finetune_running = True
         self.server.state.status = "fine-tuning…"
 
     def poll(self) -> None:
-        """Called every second by the page: fine-tuning progress and result."""
+        """Called every second by the page: download and fine-tuning progress and result."""
+        if self.download is not None:
+            self._poll_download()
         if self.job is None:
             return
         with self.server.state as s:
@@ -277,6 +357,27 @@ class LandmarksWebApp:
                 s.status = (f"fine-tuned model: {res['model']} ({res['status']}): {text}"
                             if res["returncode"] == 0 else "fine-tuning failed: " + " ".join(res["log_tail"]))
                 self.job = None
+
+    def shutdown(self) -> None:
+        """The session ends: a running fine-tune is stopped and its unfinished folder removed."""
+        job, self.job = self.job, None
+        if job is not None and job.running:
+            job.cancel(wait=True)
+            if not (job.out_dir / "model.json").exists():
+                shutil.rmtree(job.out_dir, ignore_errors=True)
+
+    def _poll_download(self) -> None:
+        download = self.download
+        with self.server.state as s:
+            s.status = download.status()
+            if download.finished:
+                self.download, s.downloading = None, False
+                if download.error:
+                    s.model, s.error = self.model, self._public(download.error)
+                    s.status = f"model: {self.model} (the download failed)"
+                else:
+                    self.model, s.error = download.model, ""
+                    s.status = f"model: {download.model} (downloaded and checked)"
 
     def _start_polling(self, **_: Any) -> None:
         import asyncio
@@ -306,6 +407,7 @@ class LandmarksWebApp:
         ctrl = self.server.controller
         ctrl.detect, ctrl.export, ctrl.finetune = self.detect, self.export, self.finetune
         ctrl.set_spacing, ctrl.add_ruler, ctrl.calibrate = self.set_spacing, self.add_ruler, self.calibrate
+        ctrl.load_slice = self.load_slice
         ctrl.on_server_ready.add(self._start_polling)
         with SinglePageWithDrawerLayout(self.server) as self.ui:
             self.ui.title.set_text("MedSapiens Landmarks")
@@ -314,6 +416,10 @@ class LandmarksWebApp:
                 with v.VContainer(classes="pa-3"):
                     v.VFileInput(v_model=("upload", None), label="Radiograph", id="upload",
                                  accept=",".join(sorted(IMAGE_SUFFIXES)), density="compact")
+                    with html.Div(v_if=("slices > 1",), classes="d-flex align-center", id="slice-choice"):
+                        v.VSlider(v_model=("slice_index",), min=0, max=("slices - 1",), step=1, label="Slice",
+                                  thumb_label=True, density="compact", hide_details=True, id="slice")
+                        v.VBtn("Load slice", id="load-slice", click=ctrl.load_slice, size="small", classes="ml-2")
                     with html.Div(classes="d-flex"):
                         v.VTextField(v_model=("spacing",), label="Pixel spacing (mm) for files without one",
                                      density="compact", id="spacing", placeholder="e.g. 0.1")
@@ -327,7 +433,10 @@ class LandmarksWebApp:
                                      id="ruler-mm", classes="mx-2", hide_details=True)
                         v.VBtn("Calibrate", id="calibrate", click=ctrl.calibrate, disabled=("!has_ruler",),
                                size="small")
-                    v.VBtn("Detect landmarks", id="detect", click=ctrl.detect, disabled=("!can_detect",),
+                    v.VSelect(v_model=("model",), items=("models",), label="Model", density="compact",
+                              id="model", disabled=("downloading",), hide_details=True, classes="mb-2")
+                    v.VBtn("Detect landmarks", id="detect", click=ctrl.detect,
+                           disabled=("!can_detect || downloading",),
                            color="primary", block=True, classes="mb-2")
                     html.Div("{{ status }}", id="status", classes="text-caption mb-1")
                     v.VAlert(v_if=("error",), text=("error",), type="error", density="compact", id="error")
@@ -385,6 +494,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--anatomy", default=None, help="official multi-dataset checkpoints: head|chest|hand|leg")
     p.add_argument("--idle-timeout", type=int, default=300, help="exit after this long without a page")
     args = p.parse_args(argv)
+    secret = os.environ.pop(SECRET_ENV, "")
+    if not secret:
+        sys.exit("error: a session worker is started by `medsapiens-landmarks serve`, with its secret")
     sys.argv = sys.argv[:1]  # trame parses the command line too: give it none of ours
     # The model (and torch, for torch models) is loaded before trame and VTK: importing torch
     # after them crashed the process (triton's import, seen with slicer-core 5.11 + torch 2.14).
@@ -392,6 +504,13 @@ def main(argv: list[str] | None = None) -> None:
     detector = Detector.load(args.model, **official)
     app = LandmarksWebApp(export_dir=args.export_dir, model=args.model, uploads=args.upload_dir,
                           detector=detector, anatomy=args.anatomy)
+    app.server.controller.on_server_bind.add(lambda wslink: guard_worker(wslink.app, secret))
+
+    def leave() -> None:  # the session ends: its fine-tune stops, its patient's files go
+        app.shutdown()
+        shutil.rmtree(args.upload_dir, ignore_errors=True)
+    exit_with_parent(leave)
+    atexit.register(leave)  # the idle timeout's exit too
     app.server.start(host="127.0.0.1", port=args.port, open_browser=False, timeout=args.idle_timeout,
                      show_connection_info=False)
 

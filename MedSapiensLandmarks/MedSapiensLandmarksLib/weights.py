@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tempfile
@@ -30,45 +31,69 @@ def sha256sum(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def fetch(url: str, sha256: str, name: str | None = None,
+def _target(url: str, sha256: str, name: str | None = None) -> Path:
+    return cache_dir() / sha256.lower()[:12] / (name or url.rstrip("/").rsplit("/", 1)[-1])
+
+
+def cached(url: str, sha256: str) -> Path | None:
+    """The cached file of ``url`` if it was fetched before."""
+    target = _target(url, sha256)
+    return target if target.exists() else None
+
+
+def fetch(url: str, sha256: str, name: str | None = None, size: int | None = None,
           progress: Callable[[int, int], None] | None = None) -> Path:
     """Return the cached file for ``url``, downloading it first if needed.
 
     ``url`` may be a local path (offline sites copy the file by hand). The file is only put
-    into the cache once its SHA256 matches; a mismatch raises and leaves nothing behind.
+    into the cache once its size (when given) and SHA256 match; a failure raises and leaves
+    nothing in the cache.
     """
     local = Path(url).expanduser()
-    name = name or url.rstrip("/").rsplit("/", 1)[-1]
-    target = cache_dir() / sha256[:12] / name
+    target = _target(url, sha256, name)
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir(), suffix=".part")
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         if local.exists():
             shutil.copyfile(local, tmp_path)
         else:
-            try:
-                with urllib.request.urlopen(url, timeout=60) as resp, open(tmp_path, "wb") as out:
-                    total, done = int(resp.headers.get("Content-Length") or 0), 0
-                    while block := resp.read(1 << 20):
-                        out.write(block)
-                        done += len(block)
-                        if progress:
-                            progress(done, total)
-            except OSError as err:
-                raise CheckpointError(f"{url}: download failed ({err}); behind a proxy or offline, "
-                                      f"download the file elsewhere and give its local path") from None
+            _download(url, tmp_path, size, progress)
+        got_size = tmp_path.stat().st_size
+        if size is not None and got_size != size:
+            raise CheckpointError(f"{url}: got {got_size} bytes, expected {size} (an interrupted download?); "
+                                  f"nothing was kept, try again")
         got = sha256sum(tmp_path)
         if got != sha256.lower():
-            raise CheckpointError(f"{url}: SHA256 {got} does not match the expected {sha256}")
+            raise CheckpointError(f"{url}: SHA256 {got} does not match the expected {sha256}; nothing was kept")
+        target.parent.mkdir(exist_ok=True)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
     return target
+
+
+def _download(url: str, out_path: Path, size: int | None, progress: Callable[[int, int], None] | None) -> None:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, open(out_path, "wb") as out:
+            total, done = int(resp.headers.get("Content-Length") or size or 0), 0
+            while block := resp.read(1 << 20):
+                out.write(block)
+                done += len(block)
+                if size is not None and done > size:
+                    raise CheckpointError(f"{url}: more than the {size} bytes the index lists; refused")
+                if progress:
+                    progress(done, total)
+        if total and done != total:
+            raise CheckpointError(f"{url}: the download stopped at {done} of {total} bytes; nothing was kept, "
+                                  f"try again")
+    except (OSError, http.client.HTTPException) as err:
+        raise CheckpointError(f"{url}: download failed ({err}); behind a proxy or offline, "
+                              f"download the file elsewhere and give its local path") from None
 
 
 def unpack(archive: Path) -> Path:
