@@ -216,6 +216,37 @@ def test_oversized_frames_and_bodies_are_refused_at_the_gateway(gateway):
     assert rss_mb(proc.pid) - before[0] < 100 and rss_mb(pid) - before[1] < 100
 
 
+def test_an_upload_streams_to_disk_and_an_oversized_one_is_cut_off_without_memory(tmp_path, gateway, ceph_dir):
+    proc, port = gateway
+    cookie = open_session(port)
+    ((pid, _),) = workers(proc.pid)
+    session_uploads = next(p for p in next((tmp_path / "tmp").glob("medsapiens-uploads-*")).iterdir())
+    image = (ceph_dir / "images" / "151.jpg").read_bytes()
+    status, _, _ = request(port, "/upload?name=151.jpg", {"Cookie": cookie}, "POST", image)
+    assert status == 200 and (session_uploads / "151.jpg").read_bytes() == image
+    before = rss_mb(proc.pid), rss_mb(pid)
+
+    def chunks(total=250 * 2**20, block=b"\0" * 2**20):  # 250 MB, sent without a Content-Length
+        for _ in range(total // len(block)):
+            yield block
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        conn.request("POST", "/upload?name=big.png", body=chunks(), headers={"Cookie": cookie},
+                     encode_chunked=True)
+        status = conn.getresponse().status
+    except (BrokenPipeError, ConnectionResetError):
+        status = 413  # the gateway hung up on the rest of the body
+    finally:
+        conn.close()
+    assert status == 413
+    status, _, _ = request(port, "/upload?name=big.png", {"Cookie": cookie, "Content-Length": str(300 * 2**20)},
+                           "POST", b"")
+    assert status == 413  # a declared size over the limit: refused before reading
+    assert rss_mb(proc.pid) - before[0] < 50 and rss_mb(pid) - before[1] < 50
+    files = sorted(p.name for p in session_uploads.iterdir() if p.is_file())
+    assert files == ["151.jpg"]  # no partial file left (beside it: the opened image's converted volume)
+
+
 def test_a_hung_worker_gets_a_timeout_and_its_reaping_does_not_stall_the_others(tmp_path):
     proc, port = start(tmp_path, "--upstream-timeout", "3", "--session-timeout", "15")
     try:
@@ -267,13 +298,15 @@ def test_a_3d_upload_offers_a_slice_choice_and_a_refused_upload_leaves_no_file(t
     gray = sitk.GetArrayFromImage(sitk.ReadImage(str(ceph_dir / "images" / "151.jpg"), sitk.sitkUInt8))[::2, ::2]
     volume = sitk.GetImageFromArray(np.stack([np.zeros_like(gray), gray, np.zeros_like(gray)]))
     volume.SetSpacing((0.2, 0.2, 1.0))
-    sitk.WriteImage(volume, str(tmp_path / "ceph3d.nrrd"))
-    app.on_upload({"name": "ceph3d.nrrd", "content": (tmp_path / "ceph3d.nrrd").read_bytes()})
+    (tmp_path / "uploads").mkdir(exist_ok=True)
+    sitk.WriteImage(volume, str(tmp_path / "uploads" / "ceph3d.nrrd"))
+    app.open_upload(tmp_path / "uploads" / "ceph3d.nrrd")
     assert state.slices == 3 and state.slice_index == 1 and not state.error and "3 slices" in state.status
     assert app.volume is None and "--slice" not in state.status
     app.load_slice()  # the middle slice: the cephalogram
     assert state.slices == 0 and app.volume is not None and state.can_detect
     app.detect()
     assert app.markups.GetNumberOfControlPoints() == 19
-    app.on_upload({"name": "notes.png", "content": b"not a png at all"})
+    (tmp_path / "uploads" / "notes.png").write_bytes(b"not a png at all")
+    app.open_upload(tmp_path / "uploads" / "notes.png")
     assert "not a readable image" in state.error and not (tmp_path / "uploads" / "notes.png").exists()

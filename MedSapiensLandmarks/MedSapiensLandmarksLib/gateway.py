@@ -41,8 +41,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SECRET_ENV = "MEDSAPIENS_WORKER_SECRET"  # how a worker gets its secret (not visible in `ps`)
 SECRET_HEADER = "X-MedSapiens-Worker"  # gateway -> worker: the session's secret
 PROOF_HEADER = "X-MedSapiens-Worker-Proof"  # worker -> gateway: it knows the secret
-MAX_MESSAGE = 256 * 2**20  # a WebSocket message: an upload (<= 200 MB) and its framing
-MAX_BODY = 2**20  # an HTTP request body: the page sends its data over the WebSocket
+MAX_UPLOAD_BYTES = 200 * 2**20  # an uploaded file (`POST /upload`, streamed, never held whole)
+MAX_MESSAGE = 16 * 2**20  # a WebSocket message: the page's state and the view's frames
+MAX_BODY = 2**20  # any other HTTP request body
 
 
 def proof(secret: str) -> str:
@@ -95,6 +96,22 @@ class Session:
     secret: str
     sockets: int = 0
     last_seen: float = field(default_factory=time.monotonic)
+
+
+class _Bounded:
+    """The chunks of a request body, cut off past `MAX_UPLOAD_BYTES` (``over`` says so)."""
+
+    def __init__(self, body: Any) -> None:
+        self.body, self.over = body, False
+
+    async def __aiter__(self) -> Any:
+        size = 0
+        async for chunk in self.body.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > MAX_UPLOAD_BYTES:
+                self.over = True
+                raise ValueError(f"upload larger than {MAX_UPLOAD_BYTES // 2**20} MB")
+            yield chunk
 
 
 def free_port() -> int:
@@ -243,6 +260,8 @@ class Gateway:
         session.last_seen = time.monotonic()
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await self._proxy_ws(request, session)
+        if request.method == "POST" and request.path == "/upload":
+            return await self._proxy_http(request, session, stream=True)
         return await self._proxy_http(request, session)
 
     def _upstream_headers(self, request: Any, session: Session) -> dict[str, str]:
@@ -251,26 +270,37 @@ class Gateway:
         headers[SECRET_HEADER] = session.secret
         return headers
 
-    async def _proxy_http(self, request: Any, session: Session) -> Any:
+    async def _proxy_http(self, request: Any, session: Session, stream: bool = False) -> Any:
+        """One request to the worker; an upload (``stream``) is passed on as it arrives, bounded
+        by `MAX_UPLOAD_BYTES`, other bodies are read whole (bounded by `MAX_BODY`)."""
         from aiohttp import ClientError, web
 
+        too_big = web.Response(status=413, text=f"The upload is larger than {MAX_UPLOAD_BYTES // 2**20} MB.\n")
+        if stream and (request.content_length or 0) > MAX_UPLOAD_BYTES:
+            return too_big
+        body = _Bounded(request.content) if stream else None
         try:
             async with self._client.request(request.method, f"http://127.0.0.1:{session.port}{request.path_qs}",
                                             headers=self._upstream_headers(request, session),
-                                            data=await request.read(), allow_redirects=False,
+                                            data=body if stream else await request.read(),
+                                            allow_redirects=False,
                                             timeout=self._timeout(self.upstream_timeout_s)) as upstream:
                 if upstream.headers.get(PROOF_HEADER) != proof(session.secret):
                     await self._end(session)
                     return web.Response(status=502, text="The session's worker did not answer as "
                                         "itself; the session was ended. Reload the page.\n")
-                body = await upstream.read()
+                content = await upstream.read()
                 out = {k: v for k, v in upstream.headers.items()
                        if k.lower() not in HOP_BY_HOP and k != PROOF_HEADER}
-                return web.Response(status=upstream.status, body=body, headers=out)
+                return web.Response(status=upstream.status, body=content, headers=out)
         except asyncio.TimeoutError:
             return web.Response(status=504, text=f"The session's worker gave no answer in "
                                 f"{self.upstream_timeout_s:g} s.\n")
-        except (OSError, ClientError):
+        except (ValueError, ClientError, OSError) as err:
+            if body is not None and body.over:  # cut off here (aiohttp may wrap the error)
+                return too_big
+            if isinstance(err, ValueError):
+                raise
             return web.Response(status=502, text="The session's worker cannot be reached; reload the page.\n")
 
     async def _proxy_ws(self, request: Any, session: Session) -> Any:

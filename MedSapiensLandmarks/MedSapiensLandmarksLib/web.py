@@ -25,7 +25,7 @@ import vtk
 from .cards import ALIASES
 from .detector import Detector
 from .export import ExportError
-from .gateway import SECRET_ENV, exit_with_parent, guard_worker
+from .gateway import MAX_UPLOAD_BYTES, SECRET_ENV, exit_with_parent, guard_worker
 from .imageio import ImageError, Radiograph, SliceNeeded, read_image
 from .inputs import IMAGE_SUFFIXES
 from .logic import FinetuneJob, LandmarksLogic
@@ -34,7 +34,6 @@ from .mrml import ATTR_SPACING, ijk_to_ras, plausibility_warning, spacing_text, 
 from .errors import CheckpointError
 from .panel import PanelController, adapted_text, finetune_outcome, model_choices
 
-MAX_UPLOAD_BYTES = 200 * 1024 * 1024
 _SAFE_NAME = re.compile(r"[^\W_][\w .()+-]{0,150}")  # letters of any script, no separators
 
 
@@ -124,50 +123,63 @@ class LandmarksWebApp:
         self.download: ModelDownload | None = None
         self.pending: Path | None = None  # a 3D upload waiting for its slice choice
         state = self.server.state
-        state.update({"upload": None, "status": "Open a radiograph (PNG, JPEG, DICOM, NRRD…)",
+        state.update({"status": "Open a radiograph (PNG, JPEG, DICOM, NRRD…)",
                       "error": "", "rows": [], "case_id": "", "can_detect": False, "can_export": False,
                       "finetune_progress": 0, "finetune_running": False, "points_view": [], "spacing": "",
                       "warning": "", "measurements": [], "tracing": False, "report": False,
                       "spacing_info": "", "ruler_mm": "10", "has_ruler": False, "model": model,
                       "models": [{"title": label, "value": name} for name, label in model_choices()],
                       "downloading": False, "slices": 0, "slice_index": 0})
-        state.change("upload")(self.on_upload)
         state.change("model")(self.on_model)
         state.change("tracing")(lambda **_: self.refresh())
         self._build_ui()
         self.layouts.set_layout("slice")
 
     # -- actions -----------------------------------------------------------------------------
-    def on_upload(self, upload: Any = None, **_: Any) -> None:
-        if not upload:
-            return
-        from trame_slicer.utils.file_access import ClientFile
+    async def http_upload(self, request: Any) -> Any:
+        """``POST /upload?name=<file name>``: the page's file, streamed to disk with the size limit
+        enforced while reading (nothing of it is held in memory), then opened."""
+        from aiohttp import web
 
-        files = upload if isinstance(upload, list) else [upload]
+        part: Path | None = None
         try:
-            item = ClientFile(files[0])
-            name = safe_upload_name(item.name)
-            content = item.content
-            if len(content) > MAX_UPLOAD_BYTES:
-                raise UploadError(f"{name}: larger than {MAX_UPLOAD_BYTES // 2**20} MB")
+            name = safe_upload_name(request.query.get("name", ""))
+            too_big = UploadError(f"{name}: larger than {MAX_UPLOAD_BYTES // 2**20} MB")
+            if (request.content_length or 0) > MAX_UPLOAD_BYTES:
+                raise too_big
+            part = self.uploads / f".{name}.part"
+            size = 0
+            with open(part, "wb") as out:
+                async for chunk in request.content.iter_chunked(1 << 16):
+                    size += len(chunk)
+                    if size > MAX_UPLOAD_BYTES:
+                        raise too_big
+                    out.write(chunk)
             path = self.uploads / name
-            path.write_bytes(content)
-            try:
-                self.load(path)
-            except SliceNeeded as err:  # a 3D volume: the page offers the slice choice
-                self.pending = path
-                with self.server.state as s:
-                    s.slices, s.slice_index = err.slices, err.slices // 2
-                    s.error = ""
-                    s.status = f"{name}: a 3D volume of {err.slices} slices: choose the slice to detect on"
-                return
-            except ImageError:
-                path.unlink(missing_ok=True)  # a refused upload does not wait for the session's end
-                raise
-        except (UploadError, ImageError) as err:
+            os.replace(part, path)
+            part = None
+            self.open_upload(path)
+        except UploadError as err:
             self._error(str(err))
+            return web.Response(status=413 if "larger than" in str(err) else 400, text=self._public(str(err)))
         finally:
-            self.server.state.upload = None  # the same file can be opened again
+            if part is not None:
+                part.unlink(missing_ok=True)
+        return web.Response(text="ok")
+
+    def open_upload(self, path: Path) -> None:
+        """Show an uploaded file; a 3D volume waits for its slice choice, a refused file is deleted."""
+        try:
+            self.load(path)
+        except SliceNeeded as err:  # a 3D volume: the page offers the slice choice
+            self.pending = path
+            with self.server.state as s:
+                s.slices, s.slice_index = err.slices, err.slices // 2
+                s.error = ""
+                s.status = f"{path.name}: a 3D volume of {err.slices} slices: choose the slice to detect on"
+        except ImageError as err:
+            path.unlink(missing_ok=True)  # a refused upload does not wait for the session's end
+            self._error(str(err))
 
     def on_model(self, model: str = "", **_: Any) -> None:
         """Another model by name; one that no folder holds is downloaded first, in the background."""
@@ -414,8 +426,12 @@ class LandmarksWebApp:
             with self.ui.drawer as drawer:
                 drawer.width = 460
                 with v.VContainer(classes="pa-3"):
-                    v.VFileInput(v_model=("upload", None), label="Radiograph", id="upload",
-                                 accept=",".join(sorted(IMAGE_SUFFIXES)), density="compact")
+                    # The file goes by HTTP POST, streamed to disk (not through the WebSocket's state);
+                    # templates may not name `window`, the event's document reaches it.
+                    html.Input(type="file", id="upload", accept=",".join(sorted(IMAGE_SUFFIXES)), classes="mb-2",
+                               change=("(f => f && $event.target.ownerDocument.defaultView.fetch("
+                                       "'upload?name=' + encodeURIComponent(f.name), {method: 'POST', body: f})"
+                                       ".finally(() => { $event.target.value = '' }))($event.target.files[0])"))
                     with html.Div(v_if=("slices > 1",), classes="d-flex align-center", id="slice-choice"):
                         v.VSlider(v_model=("slice_index",), min=0, max=("slices - 1",), step=1, label="Slice",
                                   thumb_label=True, density="compact", hide_details=True, id="slice")
@@ -504,7 +520,11 @@ def main(argv: list[str] | None = None) -> None:
     detector = Detector.load(args.model, **official)
     app = LandmarksWebApp(export_dir=args.export_dir, model=args.model, uploads=args.upload_dir,
                           detector=detector, anatomy=args.anatomy)
-    app.server.controller.on_server_bind.add(lambda wslink: guard_worker(wslink.app, secret))
+
+    def bind(wslink: Any) -> None:
+        guard_worker(wslink.app, secret)
+        wslink.app.router.add_post("/upload", app.http_upload)
+    app.server.controller.on_server_bind.add(bind)
 
     def leave() -> None:  # the session ends: its fine-tune stops, its patient's files go
         app.shutdown()

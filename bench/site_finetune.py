@@ -1,0 +1,85 @@
+"""Issue 28, item 2: on the proxy site, the layer only, the panel's Fine-tune only, and both
+(Fine-tune, then the layer refitted on the fine-tuned model's detections of the same cases).
+
+    python bench/site_finetune.py ../shared/data/isbi2015-ceph runs/proxy-site runs/s8/site-ft [MODEL]
+
+For N = 3, 5, 10, 25 the first N proxy images are the corrected cases: Fine-tune is the panel's
+(`train --init MODEL`, 20 + 10 epochs, the last N // 5 cases held back for its check); the rest
+are scored, as in bench/site_adaptation.py. Resumable: finished fine-tunes are kept in OUT/N<n>.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "MedSapiensLandmarks"))
+from MedSapiensLandmarksLib.adaptation import DEFAULT_SHRINK, apply_layer, default_frame, fit_layer  # noqa: E402
+from MedSapiensLandmarksLib.datasets import read_landmark_csv  # noqa: E402
+from MedSapiensLandmarksLib.detector import Detector  # noqa: E402
+from MedSapiensLandmarksLib.logic import FINETUNE_EPOCHS  # noqa: E402
+
+from proxy_site import SPACING_OUT  # noqa: E402
+from site_adaptation import SIZES, both, detections  # noqa: E402  (bench/ is on sys.path when run)
+
+
+def finetune(proxy: Path, out: Path, model: str, ids: list[str]) -> tuple[Path, dict]:
+    folder = out / f"N{len(ids)}"
+    if not (folder / "model.json").exists():
+        t = time.time()
+        subprocess.run([sys.executable, "-m", "MedSapiensLandmarksLib.cli", "train", "--csv", str(proxy / "junior.csv"),
+                        "--images", str(proxy / "images"), "--spacing", str(SPACING_OUT), "--ids", ",".join(ids),
+                        "--val-count", str(max(1, len(ids) // 5)), "--init", model, "--threads", "1",
+                        "--coarse-epochs", str(FINETUNE_EPOCHS["coarse_epochs"]),
+                        "--refine-epochs", str(FINETUNE_EPOCHS["refine_epochs"]), "-o", str(folder)],
+                       check=True, cwd=ROOT / "MedSapiensLandmarks")
+        (folder / "wall_s.txt").write_text(f"{time.time() - t:.0f}\n")
+    report = json.loads((folder / "finetune.json").read_text())
+    report["wall_s"] = float((folder / "wall_s.txt").read_text())
+    return folder, report
+
+
+def main(isbi: Path, proxy: Path, out: Path, model: str = "default") -> dict:
+    cases = read_landmark_csv(proxy / "junior.csv", proxy / "images")
+    junior = np.stack([c.xy for c in cases])
+    by_id = {c.case_id: c.xy for c in read_landmark_csv(proxy / "senior.csv", proxy / "images")}
+    senior = np.stack([by_id[c.case_id] for c in cases])
+    ids = [c.case_id for c in cases]
+    base = detections(proxy, model, cases)
+    names = Detector.load(model).names
+    sp, frame = (SPACING_OUT, SPACING_OUT), default_frame(names)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {}
+    for n in SIZES:
+        folder, report = finetune(proxy, out, model, ids[:n])
+        tuned = _cached(folder, cases)
+        rows = {"fine-tune": {k: report.get(k) for k in ("accepted", "mre_before_mm", "mre_after_mm", "wall_s")}}
+        for name, pred in (("layer only", base), ("fine-tune, then the layer", tuned)):
+            layer = fit_layer(list(pred[:n]), list(junior[:n]), [sp] * n, names, frame, DEFAULT_SHRINK)
+            moved = np.stack([apply_layer(p, sp, names, layer) for p in pred[n:]])
+            rows[name] = both(moved, junior[n:], senior[n:], ids[n:])
+        rows["fine-tune only"] = both(tuned[n:], junior[n:], senior[n:], ids[n:])
+        rows["zero-shot"] = both(base[n:], junior[n:], senior[n:], ids[n:])
+        result[f"first_{n}"] = rows
+        print(json.dumps({n: rows}), flush=True)
+    return result
+
+
+def _cached(folder: Path, cases) -> np.ndarray:
+    from MedSapiensLandmarksLib.imageio import read_image
+
+    cache = folder / "pred.npy"
+    if not cache.exists():
+        det = Detector.load(folder)
+        np.save(cache, np.stack([det.detect(read_image(c.image, spacing=SPACING_OUT)).xy for c in cases]))
+    return np.load(cache)
+
+
+if __name__ == "__main__":
+    res = main(*(Path(a).resolve() for a in sys.argv[1:4]), *(sys.argv[4:5]))
+    print(json.dumps(res, indent=1))
