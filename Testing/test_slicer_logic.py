@@ -169,12 +169,11 @@ def test_export_writes_complete_valid_cases(ceph_dir, tmp_path, scene, logic):
     assert not [p for p in (out / "cases").iterdir() if p.name.startswith(".")]
 
 
-def test_finetune_from_exported_cases(ceph_dir, tmp_path, scene, logic):
-    from MedSapiensLandmarksLib.logic import FinetuneJob
-
+def export_corrected(ceph_dir, tmp_path, scene, logic, cases=("153", "154", "155")):
+    """Export folder of ``cases``, each corrected to the senior annotation in the scene."""
     out = tmp_path / "export"
     truth = {c.case_id: c.xy for c in read_landmark_csv(ceph_dir / "test1_senior.csv")}
-    for case in ("153", "154", "155"):
+    for case in cases:
         vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path, case))
         node = logic.detect(vol)
         # the clinician puts every point where the senior annotator did
@@ -183,6 +182,13 @@ def test_finetune_from_exported_cases(ceph_dir, tmp_path, scene, logic):
         node.InvokeEvent(node.PointEndInteractionEvent)
         assert all(corrected_flags(node))  # every detection differed from the annotation
         logic.export(vol, node, out)
+    return out, [node.GetNthControlPointLabel(i) for i in range(node.GetNumberOfControlPoints())]
+
+
+def test_finetune_from_exported_cases(ceph_dir, tmp_path, scene, logic):
+    from MedSapiensLandmarksLib.logic import FinetuneJob
+
+    out, _names = export_corrected(ceph_dir, tmp_path, scene, logic)
     lines = []
     job = FinetuneJob(out, tmp_path / "model", init="default", coarse_epochs=1, refine_epochs=1,
                       on_line=lines.append)
@@ -202,6 +208,28 @@ def test_finetune_from_exported_cases(ceph_dir, tmp_path, scene, logic):
     assert (tmp_path / "model" / "model.json").exists() and result["model"].endswith("model.json")
     card = json.loads((tmp_path / "model" / "model.json").read_text())
     assert card["training"]["train_cases"] == ["153", "154"] and card["training"]["val_cases"] == ["155"]
+
+
+def test_a_fine_tune_from_the_adapted_model_ends_adapted_to_its_own_detections(ceph_dir, tmp_path, scene, logic):
+    from MedSapiensLandmarksLib.logic import FinetuneJob
+
+    out, names = export_corrected(ceph_dir, tmp_path, scene, logic)
+    adapted, cases = logic.adapt_to_exports(out, "default", names)  # what every Export does
+    assert cases == 3
+    job = FinetuneJob(out, tmp_path / "model", init=str(adapted), coarse_epochs=1, refine_epochs=1)
+    result = job.wait(timeout=900)
+    assert result["returncode"] == 0 and result["site_layer_cases"] == 2  # the two training cases
+    card = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert card["site_layer"]["cases"] == ["153", "154"] and card["site_layer"]["frame"] == "sn"
+    assert "base" not in card  # its own graphs
+    # the layer moves the new model's points by the offsets fitted on its own detections
+    det = Detector.load(tmp_path / "model")
+    image = read_image(ceph_dir / "images" / "156.jpg", spacing=0.1)
+    moved = det.detect(image)
+    det.site = None
+    plain = det.detect(image)
+    shift = np.linalg.norm(moved.xy - plain.xy, axis=1)
+    assert shift.max() > 0.5 and np.allclose(moved.meta["model_pixels"], plain.xy)
 
 
 def _synthetic_cases(folder, k=19, n=3):

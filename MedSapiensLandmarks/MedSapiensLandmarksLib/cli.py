@@ -262,15 +262,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError("--reframe needs --init (the model whose stages are reframed)")
     path = fit(cases, val, names, Path(args.output), cfg, card=card, init=init, reframe=args.reframe)
     print(f"model written: {path}")
+    adapted = {}
+    if same and init.card.get("site_layer"):  # from an adapted model: the new one ends adapted too
+        from .site_model import refit_own_layer
+
+        layer = refit_own_layer(path, cases, init.card["site_layer"])
+        adapted = {"site_layer_cases": len(layer.cases)}
     if before is not None:
         after = mean_radial_error(Detector.load(path, device="cpu", backend="torch"), val)
         report = {"val_cases": len(val), "mre_before_mm": before, "mre_after_mm": after,
-                  "accepted": after <= before}
+                  "accepted": after <= before, **adapted}
     elif init is not None:  # why the new model could not be compared with the old one
         reason = (f"the cases have {len(names)} landmarks and the model {len(init.names)}: "
                   f"the two cannot be compared" if not same else
                   f"{len(cases)} case(s) are too few to hold one back for a check (export at least 2)")
-        report = {"val_cases": len(val), "validated": False, "reason": reason}
+        report = {"val_cases": len(val), "validated": False, "reason": reason, **adapted}
     if init is not None:
         write_text(Path(args.output) / "finetune.json", json.dumps(report, indent=2) + "\n")
         print("finetune: " + json.dumps(report))

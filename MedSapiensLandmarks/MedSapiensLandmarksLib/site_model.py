@@ -9,11 +9,12 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from .adaptation import DEFAULT_SHRINK, SiteLayer, default_frame, fit_layer
+from .atomic import atomic_write
 from .cards import ALIASES, model_names, read_card, resolve
 from .datasets import Case
 from .detector import Detector
@@ -57,6 +58,19 @@ def fit_site(det: Detector, cases: Sequence[Case], frame: str | None = None,
     if not preds:
         raise ValueError("none of the cases could be read: nothing to adapt to")
     return fit_layer(preds, truths, spacings, det.names, frame, shrink, ids), warnings
+
+
+def refit_own_layer(card_path: Path, cases: Sequence[Case], like: dict[str, Any]) -> SiteLayer:
+    """A model fine-tuned from an adapted one ends adapted too: the layer (frame and shrinkage
+    of ``like``, the old layer) refitted on the new model's own detections of ``cases``, stored
+    in its card (the layer only or both: docs/benchmarks.md, round 6)."""
+    det = Detector.load(card_path, device="cpu", backend="torch")
+    layer, _warnings = fit_site(det, cases, like.get("frame"), float(like.get("shrink", DEFAULT_SHRINK)))
+    card = read_card(card_path)
+    card["site_layer"] = {**layer.to_json(), "confidence": "the fine-tuned model's calibration, not refitted"}
+    with atomic_write(card_path) as tmp:
+        tmp.write_text(json.dumps(card, indent=2) + "\n")
+    return layer
 
 
 def write_site_model(base: str, layer: SiteLayer, out: str | Path) -> Path:
