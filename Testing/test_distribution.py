@@ -262,3 +262,12 @@ def test_the_web_page_lists_index_models_and_downloads_the_chosen_one_in_the_bac
     app.load(next((hand_dir / "images").iterdir()))
     app.detect()
     assert app.markups.GetNumberOfControlPoints() == 37
+
+
+def test_a_path_that_looks_like_a_name_is_a_path(tmp_path, monkeypatch):
+    """`./ceph-default` is the folder here, not the embedded model of that name."""
+    mine = tmp_path / "ceph-default"
+    shutil.copytree(MODELS / "hand-dha", mine)
+    monkeypatch.chdir(tmp_path)
+    assert cards.resolve("./ceph-default").resolve() == mine / "model.json"
+    assert cards.resolve("ceph-default") == MODELS / "ceph-default" / "model.json"

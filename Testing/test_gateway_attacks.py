@@ -109,8 +109,9 @@ def test_a_program_that_skips_the_gateway_gets_nothing_from_a_worker(gateway):
     proc, port = gateway
     cookie = open_session(port)
     ((pid, worker_port),) = workers(proc.pid)
-    status, body, _ = request(worker_port)
+    status, body, answer = request(worker_port)
     assert status == 403 and "answers its gateway only" in body
+    assert answer.getheader("X-MedSapiens-Worker-Proof") is None  # nothing to replay on its port later
     status, _, _ = request(worker_port, "/ws", headers={"Upgrade": "websocket", "Connection": "Upgrade",
                                                          "Sec-WebSocket-Version": "13",
                                                          "Sec-WebSocket-Key": base64.b64encode(b"k" * 16).decode(),

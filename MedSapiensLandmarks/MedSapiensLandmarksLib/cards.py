@@ -61,10 +61,11 @@ def resolve(model: str | Path, progress: Progress | None = None) -> Path:
             raise CheckpointError(f"{url}: a model URL needs '#sha256=<64 hex digits>'")
         path = fetch(url, digest, progress=progress)
         return resolve(unpack(path)) if path.suffix == ".zip" else path
-    folder = local_model(name)
+    plain = Path(name).name == name and not name.startswith(".")  # "./x" and "a/b" are paths
+    folder = local_model(name) if plain else None
     if folder is not None:
         return folder / "model.json"
-    if name in read_index():
+    if plain and name in read_index():
         return fetch_model(name, progress)
     path = Path(model)
     if path.is_dir():

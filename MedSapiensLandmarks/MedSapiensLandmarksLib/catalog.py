@@ -77,7 +77,7 @@ def fetch_model(name: str, progress: Progress | None = None) -> Path:
 
 def needs_download(name: str, folders: list[Path]) -> dict[str, Any] | None:
     """The index entry of ``name`` when neither a models folder nor the cache holds it."""
-    if any((folder / name).is_dir() for folder in folders):
+    if any((folder / name / "model.json").is_file() for folder in folders):  # as `cards.local_model`
         return None
     entry = read_index().get(name)
     return entry if entry is not None and cached_card(entry) is None else None

@@ -61,10 +61,12 @@ def guard_worker(app: Any, secret: str) -> None:
     async def only_gateway(request: Any, handler: Any) -> Any:
         if not hmac.compare_digest(request.headers.get(SECRET_HEADER, "").encode(), secret.encode()):
             return web.Response(status=403, text="This worker answers its gateway only.\n")
+        request["from_gateway"] = True
         return await handler(request)
 
-    async def sign(_request: Any, response: Any) -> None:
-        response.headers[PROOF_HEADER] = signature
+    async def sign(request: Any, response: Any) -> None:
+        if request.get("from_gateway"):  # a refused caller learns nothing it could replay
+            response.headers[PROOF_HEADER] = signature
 
     app.middlewares.insert(0, only_gateway)
     app.on_response_prepare.append(sign)
@@ -73,11 +75,14 @@ def guard_worker(app: Any, secret: str) -> None:
 def exit_with_parent(shutdown: Callable[[], None]) -> None:
     """In a worker: run ``shutdown`` and exit when the gateway's end of standard input closes
     (it exited, was killed or crashed) or the gateway stops it (SIGTERM)."""
+    once = threading.Lock()
+
     def leave(*_: Any) -> None:
-        try:
-            shutdown()
-        finally:
-            os._exit(0)
+        with once:  # stdin's end and SIGTERM come together: one shutdown, the other waits for it
+            try:
+                shutdown()
+            finally:
+                os._exit(0)
 
     def watch() -> None:
         while sys.stdin.buffer.read(1 << 16):
@@ -137,6 +142,8 @@ class Gateway:
 
     # -- sessions ------------------------------------------------------------------------
     async def _start_session(self) -> Session:
+        from aiohttp import ClientError
+
         sid, secret = secrets.token_urlsafe(24), secrets.token_urlsafe(32)
         port = free_port()
         label = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)  # nothing of the cookie
@@ -160,7 +167,7 @@ class Gateway:
                                             timeout=self._timeout(10)) as answer:
                     if answer.headers.get(PROOF_HEADER) == proof(secret):
                         return session
-            except (OSError, asyncio.TimeoutError):
+            except (OSError, ClientError, asyncio.TimeoutError):
                 pass
             await asyncio.sleep(0.3)
         await self._end(session)

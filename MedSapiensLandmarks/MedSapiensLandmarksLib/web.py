@@ -31,7 +31,6 @@ from .inputs import IMAGE_SUFFIXES
 from .logic import FinetuneJob, LandmarksLogic
 from .cephalometry import cells
 from .mrml import ATTR_SPACING, ijk_to_ras, plausibility_warning, spacing_text, table_rows
-from .errors import CheckpointError
 from .panel import PanelController, adapted_text, finetune_outcome, model_choices
 
 _SAFE_NAME = re.compile(r"[^\W_][\w .()+-]{0,150}")  # letters of any script, no separators
@@ -49,8 +48,8 @@ class ModelDownload:
 
         try:
             resolve(self.model, progress=self._progress)
-        except CheckpointError as err:
-            self.error = str(err)
+        except Exception as err:  # noqa: BLE001 - a full disk too: never reported as a success
+            self.error = str(err) or repr(err)
         finally:
             self.finished = True
 

@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
+from .atomic import fsync_file
 from .errors import CheckpointError
 
 
@@ -70,7 +71,12 @@ def fetch(url: str, sha256: str, name: str | None = None, size: int | None = Non
         if got != sha256.lower():
             raise CheckpointError(f"{url}: SHA256 {got} does not match the expected {sha256}; nothing was kept")
         target.parent.mkdir(exist_ok=True)
-        os.replace(tmp_path, target)
+        fsync_file(tmp_path)
+        try:
+            os.replace(tmp_path, target)
+        except OSError:  # another process put the same (digest-checked) file there first
+            if not target.exists():
+                raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -92,8 +98,9 @@ def _download(url: str, out_path: Path, size: int | None, progress: Callable[[in
             raise CheckpointError(f"{url}: the download stopped at {done} of {total} bytes; nothing was kept, "
                                   f"try again")
     except (OSError, http.client.HTTPException) as err:
-        raise CheckpointError(f"{url}: download failed ({err}); behind a proxy or offline, "
-                              f"download the file elsewhere and give its local path") from None
+        raise CheckpointError(f"{url}: download failed ({err}); behind a proxy or offline, download the "
+                              f"file elsewhere and give its local path (a model .zip: unzip it into a "
+                              f"folder of $MEDSAPIENS_MODELS)") from None
 
 
 def unpack(archive: Path) -> Path:
@@ -108,9 +115,15 @@ def unpack(archive: Path) -> Path:
                 if bad:
                     raise CheckpointError(f"{archive}: refused archive member {bad[0]!r}")
                 zf.extractall(tmp)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process unpacked it first
+                if not target.exists():
+                    raise
         except zipfile.BadZipFile as err:
-            raise CheckpointError(f"{archive}: not a readable zip archive ({err})") from None
+            archive.unlink(missing_ok=True)  # fetched again next time
+            raise CheckpointError(f"{archive}: not a readable zip archive ({err}); removed from the cache, "
+                                  f"try again") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     cards = sorted(target.glob("model.json")) or sorted(target.glob("*/model.json"))
