@@ -77,13 +77,15 @@ def test_bench_stages_account_for_the_time_and_a_slowed_stage_shows_as_that_stag
     real = detector.Detector._coarse_input  # framing the whole image: the preprocess stage only
 
     def slow_framing(self, images):
-        time.sleep(0.4)
+        time.sleep(0.6)
         return real(self, images)
 
     monkeypatch.setattr(detector.Detector, "_coarse_input", slow_framing)
     slow = bench_image(image, repeat=3)["stages_s"]
-    assert 0.35 < slow["preprocess"] - base["preprocess"] < 0.6  # the delay lands in its own stage
-    assert slow["end_to_end_mrk"] - base["end_to_end_mrk"] > 0.35
+    assert 0.55 < slow["preprocess"] - base["preprocess"] < 0.9  # the delay lands in its own stage
+    # and in the end-to-end time (compared with the delay itself: a difference of two end-to-end
+    # medians swings by a second when other jobs share the two cores)
+    assert slow["end_to_end_mrk"] > 0.6 + base["read"] + base["forward"]
     others = {p: round(slow[p] - base[p], 3) for p in parts if p != "preprocess"}
     assert max(others.values()) < 0.2, others  # and in no other stage
 
