@@ -87,7 +87,7 @@ def test_bench_stages_account_for_the_time_and_a_slowed_stage_shows_as_that_stag
     # medians swings by a second when other jobs share the two cores)
     assert slow["end_to_end_mrk"] > 0.6 + base["read"] + base["forward"]
     others = {p: round(slow[p] - base[p], 3) for p in parts if p != "preprocess"}
-    assert max(others.values()) < 0.2, others  # and in no other stage
+    assert max(others.values()) < 0.4, others  # and in no other stage (0.6 s would show; load moves ~0.3)
 
 
 def test_model_url_is_fetched_checked_and_loaded(tmp_path, monkeypatch):
