@@ -56,12 +56,12 @@ def read_index(path: Path | None = None) -> dict[str, dict[str, Any]]:
 
 def cached_card(entry: dict[str, Any]) -> Path | None:
     """The unpacked model card of ``entry`` when it is already in the cache."""
-    from .weights import cached
+    from .weights import cached, model_folder
 
     archive = cached(entry["url"], entry["sha256"])
-    card = archive.with_suffix("") if archive else None
-    found = sorted(card.glob("model.json")) + sorted(card.glob("*/model.json")) if card and card.is_dir() else []
-    return found[0] if len(found) == 1 else None
+    unpacked = archive.with_suffix("") if archive else None
+    folder = model_folder(unpacked) if unpacked and unpacked.is_dir() else None
+    return folder / "model.json" if folder else None
 
 
 def fetch_model(name: str, progress: Progress | None = None) -> Path:

@@ -126,7 +126,14 @@ def unpack(archive: Path) -> Path:
                                   f"try again") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    cards = sorted(target.glob("model.json")) or sorted(target.glob("*/model.json"))
-    if len(cards) != 1:
+    folder = model_folder(target)
+    if folder is None:
         raise CheckpointError(f"{archive}: expected one model folder (a model.json) in the archive")
-    return cards[0].parent
+    return folder
+
+
+def model_folder(unpacked: Path) -> Path | None:
+    """The one folder holding ``model.json`` in an unpacked archive (its root or its single top
+    folder), or None."""
+    cards = sorted(unpacked.glob("model.json")) or sorted(unpacked.glob("*/model.json"))
+    return cards[0].parent if len(cards) == 1 else None
