@@ -20,7 +20,7 @@ from asset_server import serve
 from conftest import ROOT, SHARED
 from test_extension_packaging import cmake_list
 from MedSapiensLandmarksLib import cards
-from MedSapiensLandmarksLib.catalog import EMBEDDED, INDEX_NAME, embedded_dir, needs_download, read_index
+from MedSapiensLandmarksLib.catalog import EMBEDDED, INDEX_NAME, embedded_dir, read_index
 from MedSapiensLandmarksLib.detector import Detector
 from MedSapiensLandmarksLib.errors import CheckpointError
 from MedSapiensLandmarksLib.imageio import read_image
@@ -104,12 +104,12 @@ def published(tmp_path, monkeypatch):
 def test_an_index_model_downloads_once_with_progress_and_runs_like_the_original(published, hand_dir, tmp_path,
                                                                                 capsys):
     entry = read_index()["hand-dha"]
-    assert "hand-dha" in cards.model_names() and needs_download("hand-dha", cards.model_folders()) == entry
+    assert "hand-dha" in cards.model_names() and cards.needs_download("hand-dha") == entry
     seen = []
     card = cards.resolve("hand-dha", progress=lambda done, total: seen.append((done, total)))
     assert published["requests"] == [f"/hand-dha-{entry['version']}.zip"]
     assert seen[-1] == (entry["size"], entry["size"])
-    assert card.is_relative_to(published["cache"]) and needs_download("hand-dha", cards.model_folders()) is None
+    assert card.is_relative_to(published["cache"]) and cards.needs_download("hand-dha") is None
     assert cards.resolve("hand-dha") == card and len(published["requests"]) == 1  # cached: no request
     image = read_image(next((hand_dir / "images").iterdir()), spacing=0.1)
     got = Detector.load("hand-dha").detect(image)

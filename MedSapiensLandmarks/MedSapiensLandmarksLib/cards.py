@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .catalog import Progress, embedded_dir, fetch_model, read_index
+from .catalog import Progress, cached_card, embedded_dir, fetch_model, read_index
 from .errors import CheckpointError
 
 CARD_FORMAT_ONNX = "medsapiens-landmarks-model/2"
@@ -36,6 +36,14 @@ def model_folders() -> list[Path]:
 def local_model(name: str) -> Path | None:
     """The folder of a model called ``name`` in `model_folders`, if any."""
     return next((folder / name for folder in model_folders() if (folder / name / "model.json").is_file()), None)
+
+
+def needs_download(model: str) -> dict[str, Any] | None:
+    """The index entry of ``model`` (a name or "default") when neither a models folder nor the
+    cache holds it: what `resolve` would download."""
+    name = ALIASES.get(model, model)
+    entry = read_index().get(name) if local_model(name) is None else None
+    return entry if entry is not None and cached_card(entry) is None else None
 
 
 def model_names() -> list[str]:

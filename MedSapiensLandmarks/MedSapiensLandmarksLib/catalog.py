@@ -74,10 +74,3 @@ def fetch_model(name: str, progress: Progress | None = None) -> Path:
     archive = fetch(entry["url"], entry["sha256"], size=entry["size"], progress=progress)
     return unpack(archive) / "model.json"
 
-
-def needs_download(name: str, folders: list[Path]) -> dict[str, Any] | None:
-    """The index entry of ``name`` when neither a models folder nor the cache holds it."""
-    if any((folder / name / "model.json").is_file() for folder in folders):  # as `cards.local_model`
-        return None
-    entry = read_index().get(name)
-    return entry if entry is not None and cached_card(entry) is None else None

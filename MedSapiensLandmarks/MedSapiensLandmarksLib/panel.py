@@ -127,10 +127,9 @@ class PanelController:
     # -- actions ------------------------------------------------------------------------------
     def download_needed(self, params: Any) -> dict[str, Any] | None:
         """The index entry of the chosen model when Detect must download it first (once)."""
-        from .cards import ALIASES, model_folders
-        from .catalog import needs_download
+        from .cards import needs_download
 
-        return needs_download(ALIASES.get(params.model, params.model), model_folders())
+        return needs_download(params.model)
 
     def download(self, params: Any, progress: Callable[[int, int], None]) -> Path:
         """Fetch the chosen model into the per-user cache (digest checked) with ``progress``."""

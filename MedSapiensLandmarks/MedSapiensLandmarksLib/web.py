@@ -182,12 +182,11 @@ class LandmarksWebApp:
 
     def on_model(self, model: str = "", **_: Any) -> None:
         """Another model by name; one that no folder holds is downloaded first, in the background."""
-        from .cards import model_folders
-        from .catalog import needs_download
+        from .cards import needs_download
 
         if not model or model == self.model or self.download is not None:
             return
-        if needs_download(ALIASES.get(model, model), model_folders()) is None:
+        if needs_download(model) is None:
             self.model = model
             self.server.state.status = f"model: {model}"
             return
