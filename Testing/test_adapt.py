@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from MedSapiensLandmarksLib.adaptation import basis
+from MedSapiensLandmarksLib.adaptation import basis, leave_one_out
 from MedSapiensLandmarksLib.cli import main
 from MedSapiensLandmarksLib.detector import Detector
 from MedSapiensLandmarksLib.imageio import read_image
@@ -92,3 +92,49 @@ def test_bad_cases_get_one_clear_error_or_a_warning_and_no_half_written_model(si
         csv.writer(f).writerows([rows[0]])
     assert adapt(bad, tmp_path / "none") == 2
     assert "no corrected cases" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+def test_each_case_is_scored_with_the_layer_of_the_other_cases():
+    names = ["A", "B"]
+    preds = [np.array([[10.0, 10.0], [20.0, 20.0]]) + i for i in range(3)]
+    shift = np.array([[5.0, 0.0], [0.0, -2.0]])  # pixels: the site's convention
+    truths = [p + shift for p in preds]
+    truths[2][1] = np.nan  # marked missing
+    sp = [(0.1, 0.1)] * 3
+    # no shrinkage: every other case shows the same shift, so each case is put right
+    err = leave_one_out(preds, truths, sp, names, "mm", 0.0)
+    assert np.allclose(err[:, 0], 0.0) and np.allclose(err[:2, 1], 0.0) and np.isnan(err[2, 1])
+    # shrinkage 0.5: two other cases move a point 2 / 2.5 of the way; B of cases 0 and 1 has
+    # one other case with B (case 2's is missing): 1 / 1.5 of the way
+    err = leave_one_out(preds, truths, sp, names, "mm", 0.5)
+    assert np.allclose(err[:, 0], 0.5 * 0.2) and np.allclose(err[:2, 1], 0.2 / 3)
+    # one case alone is scored unadapted
+    assert np.allclose(leave_one_out(preds[:1], truths[:1], sp[:1], names, "mm", 0.5), [[0.5, 0.2]])
+
+
+def test_a_site_with_wider_errors_gets_lower_confidence_and_one_within_them_the_base_calibration():
+    from MedSapiensLandmarksLib.calibration import apply
+    from MedSapiensLandmarksLib.site_model import SiteCases, adapt_cases
+
+    names = [f"P{k}" for k in range(19)]
+    cal = {"a": 1.0, "b": 0.0, "radius_mm": 2.0, "tail_dof": 3.0}
+    rng = np.random.default_rng(0)
+    truths = [rng.uniform(100, 900, (19, 2)) for _ in range(5)]
+    raw = np.full(19, 0.9)  # P(within 2 mm) = 0.9 by the base calibration
+
+    def site(noise_mm):
+        found = SiteCases()
+        for i, t in enumerate(truths):
+            found.add(str(i), t + rng.normal(0, noise_mm / 0.1, t.shape), t, (0.1, 0.1), raw)
+        return adapt_cases(found, names, cal, "mm")
+
+    wide = site(4.0)  # about 5 mm off on average: far more than 10 % beyond 2 mm
+    assert wide.calibration["site_scale"] > 2.0 and wide.calibration["site_points"] == 95
+    assert apply(wide.calibration, raw).max() < 0.5 and "widened x" in wide.confidence_note
+    close = site(0.05)  # the site agrees with the model: never surer than validation said
+    assert close.calibration["site_scale"] == 1.0 and "not widened" in close.confidence_note
+    assert np.allclose(apply(close.calibration, raw), 0.9)
+    # no raw confidence recorded (an older export): the base calibration, said so
+    found = SiteCases()
+    found.add("0", truths[0], truths[0], (0.1, 0.1), None)
+    assert adapt_cases(found, names, cal, "mm").calibration is None

@@ -57,3 +57,24 @@ def test_platt_calibration_recovers_a_known_map():
     assert abs(a2 - 1) < 1 and abs(b2) < 1
     stats = flag_stats(np.array([0.1, 0.9, 0.4, 0.8]), np.array([3.0, 2.5, 1.0, 0.5]))
     assert stats == {"flagged_pct": 50.0, "caught_pct": 50.0, "errors_over_radius": 2}
+
+
+def test_a_sites_error_scale_is_recovered_from_errors_drawn_from_the_model():
+    from MedSapiensLandmarksLib.calibration import apply, error_scale2, fit_scale, rescaled
+
+    rng = np.random.default_rng(1)
+    prob, dof = rng.uniform(0.3, 0.95, 4000), 3.0
+    # 2D Student-t errors of the site: twice the scale the error model gives each point
+    scale = 2.0 * np.sqrt(error_scale2(prob, dof))
+    xy = rng.standard_normal((prob.size, 2)) * (scale / np.sqrt(rng.chisquare(dof, prob.size) / dof))[:, None]
+    errors = np.linalg.norm(xy, axis=1)
+    assert abs(fit_scale(prob, errors, dof, prior_points=0) - 2.0) < 0.1
+    assert abs(fit_scale(prob, errors, dof) - 2.0) < 0.1  # a prior of 19 points hardly matters here
+    few = fit_scale(prob[:19], errors[:19], dof)  # one case: moved part of the way
+    assert 1.0 < few < fit_scale(prob[:19], errors[:19], dof, prior_points=0)
+    # the widened probability is the share of those errors within 2 mm
+    widened = rescaled(prob, 2.0, dof)
+    assert np.all(widened < prob) and abs(widened.mean() - (errors <= 2.0).mean()) < 0.02
+    assert np.allclose(rescaled(prob, 1.0, dof), prob)
+    cal = {"a": 1.5, "b": 0.2, "radius_mm": 2.0, "tail_dof": dof}
+    assert np.allclose(apply({**cal, "site_scale": 2.0}, prob), rescaled(apply(cal, prob), 2.0, dof))

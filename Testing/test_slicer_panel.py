@@ -107,7 +107,12 @@ def test_two_patients_keep_their_own_untouched_point_lists(ceph_dir, tmp_path):
         panel.sync(p)
         _, status = panel.export(p)
         assert status.endswith("adapted to 2 cases of this site")
-        assert json.loads(Path(p.model).read_text())["site_layer"]["cases"] == ["151", "152"]
+        card = json.loads(Path(p.model).read_text())
+        assert card["site_layer"]["cases"] == ["151", "152"]
+        # the network's own confidence went through the node and the export: the site's
+        # calibration is refitted from both cases
+        assert card["calibration"]["site_cases"] == ["151", "152"] and card["calibration"]["site_points"] == 38
+        assert "the errors of 2 site cases after the layer" in card["site_layer"]["confidence"]
         cases, _ = read_cases(tmp_path / "out")
         exported = {c.case_id: c.xy for c in cases}
         truth = {c.case_id: c.xy for c in read_landmark_csv(ceph_dir / "test1_senior.csv")}

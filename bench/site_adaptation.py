@@ -24,17 +24,18 @@ from proxy_site import SPACING_OUT, build  # noqa: E402
 SIZES, SHRINKS = (3, 5, 10, 25), (0.0, 0.5, 1.0, 2.0)
 
 
-def detections(out: Path, model: str, cases) -> np.ndarray:
-    cache = out / f"pred-{model}.npy"
-    if cache.exists():
-        return np.load(cache)
-    from MedSapiensLandmarksLib.detector import Detector
-    from MedSapiensLandmarksLib.imageio import read_image
+def detections(out: Path, model: str, cases, raw: bool = False) -> np.ndarray:
+    """The model's points on the cases (pixels), or with ``raw`` its own confidences (cached)."""
+    cache, raw_cache = out / f"pred-{model}.npy", out / f"raw-{model}.npy"
+    if not (cache.exists() and raw_cache.exists()):
+        from MedSapiensLandmarksLib.detector import Detector
+        from MedSapiensLandmarksLib.imageio import read_image
 
-    det = Detector.load(model)
-    pred = np.stack([det.detect(read_image(c.image, spacing=SPACING_OUT)).xy for c in cases])
-    np.save(cache, pred)
-    return pred
+        det = Detector.load(model)
+        found = [det.detect(read_image(c.image, spacing=SPACING_OUT)) for c in cases]
+        np.save(cache, np.stack([lm.xy for lm in found]))
+        np.save(raw_cache, np.stack([lm.meta["raw_confidence"] for lm in found]))
+    return np.load(raw_cache if raw else cache)
 
 
 OUTLIER = "322"  # the model fails on it (84 mm zero-shot); rows are given with and without it

@@ -84,3 +84,16 @@ def fit_layer(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], spacing
 def apply_layer(xy: np.ndarray, spacing: tuple[float, float], names: Sequence[str], layer: SiteLayer) -> np.ndarray:
     """The detection moved by the site's offsets (pixels in, pixels out)."""
     return xy + layer.offsets @ basis(xy, spacing, names, layer.frame).T
+
+
+def leave_one_out(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], spacings: Sequence[tuple[float, float]],
+                  names: Sequence[str], frame: str, shrink: float) -> np.ndarray:
+    """(N, K) error in mm of each case after the layer fitted on the other cases (NaN where the
+    clinician marked the point missing): what the adapted model's errors look like at the site."""
+    out = []
+    for i, (pred, truth, spacing) in enumerate(zip(preds, truths, spacings)):
+        rest = [j for j in range(len(preds)) if j != i]
+        moved = pred if not rest else apply_layer(pred, spacing, names, fit_layer(
+            [preds[j] for j in rest], [truths[j] for j in rest], [spacings[j] for j in rest], names, frame, shrink))
+        out.append(np.linalg.norm((moved - np.asarray(truth, float)) * spacing, axis=1))
+    return np.stack(out)

@@ -40,11 +40,16 @@ def fit_platt(conf: np.ndarray, hit: np.ndarray, prior: float = 1.0) -> tuple[fl
 
 
 def apply(calibration: dict[str, Any] | None, conf: np.ndarray) -> np.ndarray:
-    """Calibrated probability for raw confidences (unchanged without a calibration)."""
+    """Calibrated probability for raw confidences (unchanged without a calibration); with a
+    ``site_scale`` (an adapted model), the probability under the site's wider or narrower errors."""
     if not calibration:
         return np.asarray(conf, dtype=np.float64)
     z = calibration["a"] * _logit(conf) + calibration["b"]
-    return 1.0 / (1.0 + np.exp(-z))
+    prob = 1.0 / (1.0 + np.exp(-z))
+    scale = calibration.get("site_scale", 1.0)
+    if scale != 1.0:
+        prob = rescaled(prob, scale, calibration.get("tail_dof", 1e6), calibration["radius_mm"])
+    return prob
 
 
 def reliability(prob: np.ndarray, hit: np.ndarray, bins: int = 10) -> dict[str, Any]:
@@ -75,16 +80,39 @@ def error_scale2(prob: np.ndarray, dof: float, radius_mm: float = 2.0) -> np.nda
     return radius_mm ** 2 / (dof * ((1.0 - p) ** (-2.0 / dof) - 1.0))
 
 
+def rescaled(prob: np.ndarray, scale: float, dof: float, radius_mm: float = 2.0) -> np.ndarray:
+    """P(|error| <= radius_mm) once the error model's scale is multiplied by ``scale``."""
+    s2 = error_scale2(prob, dof, radius_mm) * scale ** 2
+    return 1.0 - (1.0 + radius_mm ** 2 / (dof * s2)) ** (-dof / 2)
+
+
+def _t_loglik(errors_mm: np.ndarray, s2: np.ndarray, dof: float) -> float:
+    """Log-likelihood (up to a constant) of radial errors under 2D Student-t errors of scale s2."""
+    e = np.maximum(errors_mm, 1e-3)
+    return float(np.sum(np.log(e / s2) - (dof / 2 + 1) * np.log1p(e ** 2 / (dof * s2))))
+
+
+SCALE_PRIOR_POINTS = 19  # the prior of `fit_scale` weighs as much as one cephalogram's points
+
+
+def fit_scale(prob: np.ndarray, errors_mm: np.ndarray, dof: float, radius_mm: float = 2.0,
+              prior_points: float = SCALE_PRIOR_POINTS) -> float:
+    """How much wider (> 1) or narrower the errors of a new site are than the error model says:
+    the multiplier of its scale, maximum a posteriori with a log-normal prior at 1 that weighs
+    as much as ``prior_points`` points (a few cases move it part of the way)."""
+    p, e = np.ravel(prob), np.ravel(errors_mm)
+    s2 = error_scale2(p, dof, radius_mm)
+    grid = np.linspace(np.log(0.5), np.log(4.0), 241)
+    score = [_t_loglik(e, s2 * np.exp(2 * u), dof) - 2 * prior_points * u ** 2 for u in grid]
+    return float(np.exp(grid[int(np.argmax(score))]))
+
+
 def fit_tail_dof(prob: np.ndarray, errors_mm: np.ndarray, radius_mm: float = 2.0) -> float:
     """Degrees of freedom of that error model by maximum likelihood on validation points: how
     heavy the tail of the errors is beyond what the probability of "within radius" says."""
-    p, e = np.ravel(prob), np.maximum(np.ravel(errors_mm), 1e-3)
+    p, e = np.ravel(prob), np.ravel(errors_mm)
     grid = np.exp(np.linspace(np.log(0.5), np.log(200.0), 400))
-
-    def loglik(dof: float) -> float:
-        s2 = error_scale2(p, dof, radius_mm)
-        return float(np.sum(np.log(e / s2) - (dof / 2 + 1) * np.log1p(e ** 2 / (dof * s2))))
-    return float(grid[int(np.argmax([loglik(d) for d in grid]))])
+    return float(grid[int(np.argmax([_t_loglik(e, error_scale2(p, d, radius_mm), d) for d in grid]))])
 
 
 def error_model(calibration: dict[str, Any] | None) -> dict[str, float] | None:

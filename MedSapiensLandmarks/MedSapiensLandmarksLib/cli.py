@@ -303,17 +303,19 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     base = base_model(args.model)  # refitting an adapted model starts from its base again
     det = load_detector(argparse.Namespace(**{**vars(args), "model": base}))
     try:
-        layer, warnings = fit_site(det, cases, args.frame, args.shrink)
+        adapted, warnings = fit_site(det, cases, args.frame, args.shrink)
     except ValueError as err:
         raise UsageError(str(err)) from None
     for line in warnings:
         print(line, file=sys.stderr)
-    path = write_site_model(base, layer, args.output)
+    path = write_site_model(base, adapted, args.output)
+    layer = adapted.layer
     size = np.linalg.norm(layer.offsets, axis=1)
     top = ", ".join(f"{det.names[i]} {size[i]:.3g}" for i in np.argsort(-size)[:3])
     unit = "|S-N|" if layer.frame == "sn" else "mm"
     print(f"adapted {base} to {len(layer.cases)} cases of this site (frame {layer.frame}, shrink "
-          f"{layer.shrink:g}); largest offsets ({unit}): {top}; model written: {path}")
+          f"{layer.shrink:g}); largest offsets ({unit}): {top}; confidence: {adapted.confidence_note}; "
+          f"model written: {path}")
     return 0
 
 

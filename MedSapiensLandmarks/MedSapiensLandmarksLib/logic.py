@@ -113,6 +113,8 @@ class LandmarksLogic:
         model_points = json.loads(markups_node.GetAttribute(ATTR_MODEL_POINTS) or "null")
         if model_points:  # what the model itself detected (before corrections and a site layer)
             lm.meta["model_pixels"], lm.meta["model_ref"] = np.array(model_points["pixels"]), model_points["ref"]
+            if "raw_confidence" in model_points:
+                lm.meta["raw_confidence"] = np.array(model_points["raw_confidence"])
         lm.meta["position_status"] = [markups_node.GetPositionStatusAsString(
             markups_node.GetNthControlPointPositionStatus(i)) for i in range(n)]
         verdict = markups_node.GetAttribute(ATTR_PLAUSIBILITY)

@@ -69,6 +69,8 @@ def _checks(lm: Landmarks) -> dict[str, Any]:
     if "model_pixels" in lm.meta:  # the model's own points: a site layer is fitted to them
         out["model_pixels"] = np.round(np.asarray(lm.meta["model_pixels"], float), 3).tolist()
         out["model_ref"] = lm.meta.get("model_ref", "")
+    if "raw_confidence" in lm.meta:  # the network's own confidence: a site refits calibration from it
+        out["model_confidence"] = np.round(np.asarray(lm.meta["raw_confidence"], float), 5).tolist()
     if "spacing_mm" in lm.meta:
         out["spacing_mm"] = [float(v) for v in lm.meta["spacing_mm"]]
     return out

@@ -31,7 +31,7 @@ ATTR_SPACING = "MedSapiens.Spacing"  # on a volume: JSON {"known": bool, "source
 ATTR_ERROR_MODEL = "MedSapiens.ErrorModel"  # JSON when confidences are calibrated probabilities
 ATTR_PLAUSIBILITY = "MedSapiens.Plausibility"  # the image-level verdict (JSON), when the model has one
 ATTR_TRACING = "MedSapiens.TracingLines"  # JSON {line name: line node ID}
-ATTR_MODEL_POINTS = "MedSapiens.ModelPixels"  # JSON {"ref": base model, "pixels": the model's own points}
+ATTR_MODEL_POINTS = "MedSapiens.ModelPixels"  # JSON {"ref": base model, "pixels": the model's own points, "raw_confidence"}
 CORRECTED_TAG = " [corrected]"
 LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
 RADIOGRAPH_VOLUME_CLASSES = ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode")
@@ -276,7 +276,8 @@ def landmarks_to_node(scene: Any, lm: Landmarks, node: Any | None = None, name: 
     node.SetAttribute(ATTR_ERROR_MODEL, json.dumps(lm.meta.get("error_model")))
     if "model_pixels" in lm.meta:
         node.SetAttribute(ATTR_MODEL_POINTS, json.dumps({"ref": lm.meta.get("model_ref", ""), "pixels": np.round(
-            lm.meta["model_pixels"], 3).tolist()}))
+            lm.meta["model_pixels"], 3).tolist(), **({"raw_confidence": np.round(np.asarray(
+                lm.meta["raw_confidence"], float), 5).tolist()} if "raw_confidence" in lm.meta else {})}))
     if "plausibility" in lm.meta:
         node.SetAttribute(ATTR_PLAUSIBILITY, json.dumps(lm.meta["plausibility"]))
     else:

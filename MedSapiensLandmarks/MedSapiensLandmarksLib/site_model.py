@@ -9,12 +9,15 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
-from .adaptation import DEFAULT_SHRINK, SiteLayer, default_frame, fit_layer
+from .adaptation import DEFAULT_SHRINK, SiteLayer, default_frame, fit_layer, leave_one_out
 from .atomic import atomic_write
+from .calibration import apply as calibrated
+from .calibration import fit_scale
 from .cards import ALIASES, model_names, read_card, resolve
 from .datasets import Case
 from .detector import Detector
@@ -30,15 +33,69 @@ def base_model(model: str) -> str:
     return read_card(resolve(model)).get("base", model)
 
 
+@dataclass
+class SiteCases:
+    """A site's corrected cases as a layer sees them: the model's own points (pixels) and raw
+    confidence (None: not recorded), the clinician's points (NaN: marked missing), spacing."""
+    preds: list[np.ndarray] = field(default_factory=list)
+    truths: list[np.ndarray] = field(default_factory=list)
+    spacings: list[tuple[float, float]] = field(default_factory=list)
+    raws: list[np.ndarray | None] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+
+    def add(self, case_id: str, pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float],
+            raw: np.ndarray | None) -> None:
+        self.ids.append(case_id)
+        self.preds.append(np.asarray(pred, dtype=np.float64))
+        self.truths.append(np.asarray(truth, dtype=np.float64))
+        self.spacings.append(tuple(spacing))
+        self.raws.append(None if raw is None else np.asarray(raw, dtype=np.float64))
+
+
+@dataclass
+class Adaptation:
+    layer: SiteLayer
+    calibration: dict[str, Any] | None  # the model's calibration with the site's error scale
+
+    @property
+    def confidence_note(self) -> str:
+        if self.calibration is None:
+            return "the base model's calibration, not refitted on the site's cases"
+        cases = (f"the errors of {len(self.calibration['site_cases'])} site cases after the layer "
+                 f"(each case adapted to the others)")
+        if self.calibration["site_scale"] > 1.0:
+            return f"the base model's calibration widened x{self.calibration['site_scale']:.2f} to {cases}"
+        return f"the base model's calibration: {cases} are within it, so not widened"
+
+
+def adapt_cases(site: SiteCases, names: Sequence[str], calibration: dict[str, Any] | None,
+                frame: str | None = None, shrink: float = DEFAULT_SHRINK) -> Adaptation:
+    """The layer of the site's cases, and the calibration widened to the site: the multiplier of
+    the error scale from each case's error once adapted to the *other* cases (an honest error,
+    unlike the case's own), on the cases whose raw confidence was recorded. Widened only: a few
+    cases never make the confidence surer than its validation said (docs/benchmarks.md, round 7)."""
+    frame = frame or default_frame(names)
+    layer = fit_layer(site.preds, site.truths, site.spacings, names, frame, shrink, site.ids)
+    use = [i for i, raw in enumerate(site.raws) if raw is not None]
+    if not calibration or not use:
+        return Adaptation(layer, None)
+    base = {k: v for k, v in calibration.items() if not k.startswith("site_")}
+    errors = leave_one_out(site.preds, site.truths, site.spacings, names, frame, shrink)[use]
+    prob = calibrated(base, np.stack([site.raws[i] for i in use]))
+    ok = np.isfinite(errors)
+    scale = max(1.0, fit_scale(prob[ok], errors[ok], float(base.get("tail_dof", 1e6)), float(base["radius_mm"])))
+    return Adaptation(layer, {**base, "site_scale": round(scale, 4), "site_points": int(ok.sum()),
+                              "site_cases": [site.ids[i] for i in use]})
+
+
 def fit_site(det: Detector, cases: Sequence[Case], frame: str | None = None,
-             shrink: float = DEFAULT_SHRINK) -> tuple[SiteLayer, list[str]]:
-    """Fit the layer of ``det``'s detections (without any layer) to the cases; returns it and
-    one warning per case left out (an unreadable image)."""
+             shrink: float = DEFAULT_SHRINK) -> tuple[Adaptation, list[str]]:
+    """Fit the layer (and the calibration) of ``det``'s detections without any layer to the
+    cases; returns it and one warning per case left out (an unreadable image)."""
     if not cases:
         raise ValueError("no corrected cases to adapt to")
-    frame = frame or default_frame(det.names)
     site, det.site = det.site, None
-    preds, truths, spacings, ids, warnings = [], [], [], [], []
+    found, warnings = SiteCases(), []
     try:
         for case in cases:
             if len(case.xy) != len(det.names):
@@ -49,15 +106,13 @@ def fit_site(det: Detector, cases: Sequence[Case], frame: str | None = None,
             except ImageError as err:
                 warnings.append(f"warning: case {case.case_id} left out: {err}")
                 continue
-            preds.append(det.detect(image).xy)
-            truths.append(case.xy)
-            spacings.append(image.spacing)
-            ids.append(case.case_id)
+            lm = det.detect(image)
+            found.add(case.case_id, lm.xy, case.xy, image.spacing, lm.meta["raw_confidence"])
     finally:
         det.site = site
-    if not preds:
+    if not found.ids:
         raise ValueError("none of the cases could be read: nothing to adapt to")
-    return fit_layer(preds, truths, spacings, det.names, frame, shrink, ids), warnings
+    return adapt_cases(found, det.names, det.card.get("calibration"), frame, shrink), warnings
 
 
 def refit_own_layer(card_path: Path, cases: Sequence[Case], like: dict[str, Any]) -> SiteLayer:
@@ -65,24 +120,30 @@ def refit_own_layer(card_path: Path, cases: Sequence[Case], like: dict[str, Any]
     of ``like``, the old layer) refitted on the new model's own detections of ``cases``, stored
     in its card (the layer only or both: docs/benchmarks.md, round 6)."""
     det = Detector.load(card_path, device="cpu", backend="torch")
-    layer, _warnings = fit_site(det, cases, like.get("frame"), float(like.get("shrink", DEFAULT_SHRINK)))
+    adapted, _warnings = fit_site(det, cases, like.get("frame"), float(like.get("shrink", DEFAULT_SHRINK)))
     card = read_card(card_path)
-    card["site_layer"] = {**layer.to_json(), "confidence": "the fine-tuned model's calibration, not refitted"}
+    card["site_layer"] = {**adapted.layer.to_json(),
+                          "confidence": adapted.confidence_note.replace("base model", "fine-tuned model")}
+    if adapted.calibration is not None:
+        card["calibration"] = adapted.calibration
     with atomic_write(card_path) as tmp:
         tmp.write_text(json.dumps(card, indent=2) + "\n")
-    return layer
+    return adapted.layer
 
 
-def write_site_model(base: str, layer: SiteLayer, out: str | Path) -> Path:
-    """``out/model.json``: the base card with the layer and the base named (graphs not copied)."""
+def write_site_model(base: str, adapted: Adaptation, out: str | Path) -> Path:
+    """``out/model.json``: the base card with the layer (and the site's calibration) and the
+    base named (graphs not copied)."""
+    layer = adapted.layer
     base_path = resolve(base)
     card = read_card(base_path)
     shipped = ALIASES.get(str(base), str(base))
     card["base"] = shipped if shipped in model_names() else str(base_path.resolve())  # a name travels
     card["base_name"] = card.get("name", "")  # the detections' model (`Landmarks.meta["model_ref"]`)
     card["name"] = f"{card.get('name', 'model')} adapted to {len(layer.cases)} site cases"
-    card["site_layer"] = layer.to_json()
-    card["site_layer"]["confidence"] = "the base model's calibration, not refitted on the site's cases"
+    card["site_layer"] = {**layer.to_json(), "confidence": adapted.confidence_note}
+    if adapted.calibration is not None:
+        card["calibration"] = adapted.calibration
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -96,34 +157,31 @@ def write_site_model(base: str, layer: SiteLayer, out: str | Path) -> Path:
     return out / "model.json"
 
 
-def fit_site_from_export(root: str | Path, base_ref: str, names: Sequence[str], frame: str | None = None,
-                         shrink: float = DEFAULT_SHRINK) -> SiteLayer | None:
-    """The layer of an export folder's cases detected by ``base_ref`` (their markups keep the
-    model's own points and the pixel spacing): no image is read, nothing is detected again.
-    None when no such case is there."""
+def export_cases(root: str | Path, base_ref: str, names: Sequence[str]) -> SiteCases:
+    """An export folder's cases detected by ``base_ref``, from their markups alone (they keep the
+    model's own points, its raw confidence and the pixel spacing): no image is read, nothing is
+    detected again."""
     root = Path(root)
     index = read_index(root)
+    found = SiteCases()
     if index["landmarks"] != list(names):
-        return None
-    preds, truths, spacings, ids = [], [], [], []
+        return found
     for entry in index["cases"]:
         extra = read_markups(root / entry["markups"])["extra"]
         if extra.get("model_ref") != base_ref or "model_pixels" not in extra or "spacing_mm" not in extra:
             continue
-        preds.append(np.asarray(extra["model_pixels"], dtype=np.float64))
-        truths.append(np.array([p if p is not None else [np.nan, np.nan] for p in extra["pixels"]], dtype=np.float64))
-        spacings.append(tuple(extra["spacing_mm"]))
-        ids.append(entry["id"])
-    if not preds:
-        return None
-    return fit_layer(preds, truths, spacings, names, frame or default_frame(names), shrink, ids)
+        truth = np.array([p if p is not None else [np.nan, np.nan] for p in extra["pixels"]], dtype=np.float64)
+        found.add(entry["id"], extra["model_pixels"], truth, extra["spacing_mm"], extra.get("model_confidence"))
+    return found
 
 
 def refit_site(root: str | Path, model: str, names: Sequence[str]) -> tuple[Path, int] | None:
     """After an Export: refit ``root/site-model`` from every case of ``model``'s base in the
     export folder; returns the adapted model's card and its number of cases (None: no case)."""
     base = base_model(model)
-    layer = fit_site_from_export(root, read_card(resolve(base)).get("name", base), names)
-    if layer is None:
+    card = read_card(resolve(base))
+    found = export_cases(root, card.get("name", base), names)
+    if not found.ids:
         return None
-    return write_site_model(base, layer, Path(root) / SITE_FOLDER), len(layer.cases)
+    adapted = adapt_cases(found, names, card.get("calibration"))
+    return write_site_model(base, adapted, Path(root) / SITE_FOLDER), len(found.ids)

@@ -45,6 +45,8 @@ class TrainConfig:
     refine_depth: int | None = None  # encoder levels of the local nets (None: all)
     scale_range: tuple[float, float] = (0.9, 1.1)  # coarse affine scale augmentation
     patch_scale: float = 0.1  # local patches: log-uniform scale jitter +-
+    patch_rotation: float = 10.0  # local patches: rotation jitter +- degrees
+    patch_site_shift: float = 0.0  # local patches: probability of each `_SiteShift` change
     site_shift: float = 0.0  # probability of each scanner/site change (borders, marks, JPEG)
     orientation: str = "auto"  # detection also tries the mirror image and keeps the surer one
     coarse_epochs: int = 40
@@ -209,6 +211,8 @@ class PatchSet(torch.utils.data.Dataset):
         self.cases, self.grays, self.augment = cases, grays, augment
         self.spec, self.coarse_spec, self.jitter = spec, coarse_spec, cfg.refine_jitter
         self.patch_scale = cfg.patch_scale
+        self.rotate = v2.RandomRotation(cfg.patch_rotation)
+        self.site = _SiteShift(cfg.patch_site_shift)
         self.pairs = [(c, k) for c, case in enumerate(cases) for k in range(len(case.xy))
                       if np.isfinite(case.xy[k]).all()]  # no patch for a point marked missing
         self.photo = _Photometric()
@@ -231,9 +235,8 @@ class PatchSet(torch.utils.data.Dataset):
         plane = torch.from_numpy(warp(gray, patch, (pw, ph), antialias=self.spec.get("antialias", False))[None] / 255.0)
         kp = torch.tensor(patch.to_grid(case.xy[k:k + 1], (pw, ph)), dtype=torch.float32)
         if self.augment:
-            img, kp = v2.RandomRotation(10)(tv_tensors.Image(plane),
-                                            tv_tensors.KeyPoints(kp, canvas_size=(ph, pw)))
-            plane = self.photo(torch.as_tensor(img))
+            img, kp = self.rotate(tv_tensors.Image(plane), tv_tensors.KeyPoints(kp, canvas_size=(ph, pw)))
+            plane = self.site(self.photo(torch.as_tensor(img)))
         return _normalise(torch.as_tensor(plane), self.spec), torch.as_tensor(kp)[0], k
 
 

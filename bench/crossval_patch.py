@@ -1,0 +1,162 @@
+"""Issue 27: 5-fold cross-validation of the patch stage over ISBI 001-150 (senior annotations).
+
+    python bench/crossval_patch.py ../shared/data/isbi2015-ceph runs/cv-patch [VARIANT ...] [--threads N]
+
+Each variant (`VARIANTS`: overrides of recipe v2) trains a patch net from scratch on four folds
+of 30 images (001-030, 031-060, ...) and is scored on the fifth, fold by fold and variant by
+variant in turn (so that an interrupted run still compares variants on the same folds). Scores:
+MRE / SDR 2 mm in mm of the patch stage alone, started
+
+- ``annotation``: on the annotated point (what the patch net adds or loses by itself);
+- ``start``: 1.2 mm (per axis) from it, seeded per image and landmark: a coarse stage's error;
+- ``coarse``: on the whole-image stage's point of the shipped ``ceph-isbi2015`` (trained on
+  001-140, so in-sample for most folds: an optimistic start, with the coarse stage's real error
+  pattern);
+- ``scanner``: as ``start``, on the held-out images put through the proxy site's simulated
+  scanner change (bench/proxy_site.py: 0.13 mm/pixel, exposure curve, blur, noise, JPEG);
+- ``train``: as ``start``, on the first 15 training images of the fold (the fit diagnosis).
+
+Resumable: a finished fold is kept in OUT/<variant>/f<k>/result.json and an unfinished one
+continues from its checkpoint. Prints, and writes to OUT/summary.json, the mean over folds with
+the fold-to-fold standard deviation, and each variant's paired difference from ``base``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "MedSapiensLandmarks"))
+from MedSapiensLandmarksLib.backends import TorchBackend  # noqa: E402
+from MedSapiensLandmarksLib.datasets import read_landmark_csv  # noqa: E402
+from MedSapiensLandmarksLib.detector import Detector  # noqa: E402
+from MedSapiensLandmarksLib.imageio import read_image  # noqa: E402
+from MedSapiensLandmarksLib.landmarks import CEPH_19  # noqa: E402
+from MedSapiensLandmarksLib.metrics import radial_errors  # noqa: E402
+from MedSapiensLandmarksLib.model import LandmarkNet  # noqa: E402
+from MedSapiensLandmarksLib.training import PatchSet, image_box, load_gray, net_specs, recipe, run_stage  # noqa: E402
+
+from proxy_site import SPACING_IN, SPACING_OUT, simulate, to_new_pixels  # noqa: E402
+
+FOLDS, START_MM, TRAIN_SCORED = 5, 1.2, 15
+CONDITIONS = ("annotation", "start", "coarse", "scanner", "train")
+VARIANTS: dict[str, dict] = {
+    "base": {},  # the shipped patch stage of recipe v2 (25 epochs)
+    "aug": {"patch_scale": 0.2, "patch_rotation": 15.0, "patch_site_shift": 0.3},
+}
+
+
+def starts(xy: np.ndarray, case_id: str, spacing: float) -> np.ndarray:
+    """The annotation moved by a seeded Gaussian of START_MM per axis (same for every variant)."""
+    rng = np.random.default_rng(int(case_id))
+    return xy + rng.normal(0.0, START_MM / spacing, xy.shape)
+
+
+def scanner(gray: np.ndarray, case_id: str) -> np.ndarray:
+    """The proxy site's scanner change applied to one training-set image."""
+    return np.asarray(Image.open(io.BytesIO(simulate(gray, int(case_id)))).convert("L"))
+
+
+def score(det: Detector, grays: list[np.ndarray], truth: np.ndarray, start: np.ndarray, spacing: float) -> dict:
+    coarse = det.card["coarse"]["input"]
+    pred = np.stack([det._refine("refine", g, image_box(g.shape, coarse), s)[0] for g, s in zip(grays, start)])
+    err = radial_errors(pred, truth, np.full(len(pred), spacing))
+    return {"mre": float(err.mean()), "sdr2": float((err <= 2.0).mean() * 100)}
+
+
+def coarse_points(cases: list, out: Path, threads: int) -> np.ndarray:
+    """The whole-image stage's points of ``ceph-isbi2015`` on every case (cached in OUT)."""
+    path = out / "coarse_points.npy"
+    if not path.exists():
+        full = Detector.load("ceph-isbi2015", backend="torch", threads=threads)
+        det = Detector(full.card, TorchBackend({"coarse": full.nets["coarse"]}, "cpu", threads))
+        out.mkdir(parents=True, exist_ok=True)
+        np.save(path, np.stack([det.detect(read_image(c.image, spacing=c.spacing)).xy for c in cases]))
+    return np.load(path)
+
+
+def run_fold(variant: str, k: int, cases: list, grays: list, coarse: np.ndarray, out: Path, threads: int) -> dict:
+    folder = out / variant / f"f{k}"
+    if (folder / "result.json").exists():
+        return json.loads((folder / "result.json").read_text())
+    cfg = recipe("v2", **VARIANTS[variant], threads=threads, seed=k)
+    size = len(cases) // FOLDS
+    held = set(range(k * size, (k + 1) * size))
+    train = [i for i in range(len(cases)) if i not in held]
+    specs = net_specs(cfg)
+    card = {"landmarks": [{"name": n} for n, _ in CEPH_19], "coarse": specs["coarse"], "refine": specs["refine"]}
+    net = LandmarkNet({**specs["refine"]["net"], "num_keypoints": len(CEPH_19)})
+    data = PatchSet([cases[i] for i in train], [grays[i] for i in train], specs["refine"]["input"],
+                    specs["coarse"]["input"], cfg, True)
+    (folder / "work").mkdir(parents=True, exist_ok=True)
+
+    def log(record: dict) -> None:
+        with open(folder / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    run_stage("refine", net, data, tuple(specs["refine"]["input"]["size"][::-1]), cfg, cfg.refine_epochs,
+              cfg.refine_batch_size, folder / "work", dict, log)
+    det = Detector(card, TorchBackend({"refine": net}, "cpu", threads, channels_last=False))
+    held_ids = sorted(held)
+    truth = np.stack([cases[i].xy for i in held_ids])
+    ids = [cases[i].case_id for i in held_ids]
+    moved = np.stack([starts(t, c, SPACING_IN) for t, c in zip(truth, ids)])
+    shifted = [scanner(grays[i], c) for i, c in zip(held_ids, ids)]
+    seen = train[:TRAIN_SCORED]
+    seen_truth = np.stack([cases[i].xy for i in seen])
+    result = {
+        "annotation": score(det, [grays[i] for i in held_ids], truth, truth, SPACING_IN),
+        "start": score(det, [grays[i] for i in held_ids], truth, moved, SPACING_IN),
+        "coarse": score(det, [grays[i] for i in held_ids], truth, coarse[held_ids], SPACING_IN),
+        "scanner": score(det, shifted, to_new_pixels(truth), to_new_pixels(moved), SPACING_OUT),
+        "train": score(det, [grays[i] for i in seen], seen_truth,
+                       np.stack([starts(t, cases[i].case_id, SPACING_IN) for t, i in zip(seen_truth, seen)]),
+                       SPACING_IN),
+        "held_out": ids, "config": VARIANTS[variant], "epochs": cfg.refine_epochs,
+    }
+    (folder / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def summary(out: Path, variants: list[str]) -> dict:
+    table: dict = {}
+    for v in variants:
+        done = sorted(out.glob(f"{v}/f*/result.json"))
+        rows = {p.parent.name: json.loads(p.read_text()) for p in done}
+        table[v] = {"folds": sorted(rows)}
+        for cond in CONDITIONS:
+            mre = np.array([r[cond]["mre"] for r in rows.values()])
+            table[v][cond] = {"mre": float(mre.mean()) if len(mre) else None,
+                              "fold_sd": float(mre.std(ddof=1)) if len(mre) > 1 else None,
+                              "sdr2": float(np.mean([r[cond]["sdr2"] for r in rows.values()])) if rows else None}
+            base = {p.parent.name: json.loads(p.read_text()) for p in out.glob("base/f*/result.json")}
+            both = sorted(set(rows) & set(base))
+            if v != "base" and both:
+                d = np.array([rows[f][cond]["mre"] - base[f][cond]["mre"] for f in both])
+                table[v][cond]["paired_diff"] = float(d.mean())
+                table[v][cond]["paired_sd"] = float(d.std(ddof=1)) if len(d) > 1 else None
+    (out / "summary.json").write_text(json.dumps(table, indent=1))
+    return table
+
+
+def main(isbi: Path, out: Path, variants: list[str], threads: int) -> dict:
+    cases = sorted(read_landmark_csv(isbi / "train_senior.csv", isbi / "images", spacing=SPACING_IN),
+                   key=lambda c: c.case_id)  # the CSV is not in image order
+    grays = [load_gray(c) for c in cases]
+    coarse = coarse_points(cases, out, threads)
+    for k in range(FOLDS):
+        for v in variants:
+            run_fold(v, k, cases, grays, coarse, out, threads)
+            print(json.dumps({"variant": v, "fold": k, **summary(out, variants)[v]}), flush=True)
+    return summary(out, variants)
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--threads")]
+    threads = int(next((a.split("=")[1] for a in sys.argv[1:] if a.startswith("--threads=")), 1))
+    print(json.dumps(main(Path(args[0]), Path(args[1]), args[2:] or list(VARIANTS), threads), indent=1))
