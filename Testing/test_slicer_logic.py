@@ -3,6 +3,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -16,6 +17,7 @@ from MedSapiensLandmarksLib.export import ExportError, read_cases
 from MedSapiensLandmarksLib.imageio import read_image
 from MedSapiensLandmarksLib.detector import Detector
 from MedSapiensLandmarksLib.logic import LandmarksLogic
+from MedSapiensLandmarksLib.markups import read_markups
 from MedSapiensLandmarksLib.mrml import corrected_flags, ijk_to_ras, table_rows
 from MedSapiensLandmarksLib.panel import finetune_outcome
 from slicer_helpers import new_scene, read_markups_with_slicer
@@ -230,6 +232,27 @@ def test_a_fine_tune_from_the_adapted_model_ends_adapted_to_its_own_detections(c
     plain = det.detect(image)
     shift = np.linalg.norm(moved.xy - plain.xy, axis=1)
     assert shift.max() > 0.5 and np.allclose(moved.meta["model_pixels"], plain.xy)
+    # the clinician uses the new model on the next patient and exports the corrected case: the
+    # layer is refitted from the training cases' layer plus that case, not from that case alone
+    from MedSapiensLandmarksLib.adaptation import basis
+
+    vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path, "156"))
+    node = logic.detect(vol, model=str(tmp_path / "model" / "model.json"))
+    truth = {c.case_id: c.xy for c in read_landmark_csv(ceph_dir / "test1_senior.csv")}["156"]
+    for i, (x, y) in enumerate(truth):
+        node.SetNthControlPointPosition(i, *pixel_to_ras(vol, np.array([[x, y]]))[0])
+    node.InvokeEvent(node.PointEndInteractionEvent)
+    logic.export(vol, node, out)
+    path, cases = logic.adapt_to_exports(out, str(tmp_path / "model" / "model.json"), names)
+    assert cases == 3
+    site = json.loads(Path(path).read_text())["site_layer"]
+    assert site["cases"] == ["153", "154", "156"] and site["counts"] == [3] * 19
+    own = read_markups(out / "cases" / "156" / "landmarks.mrk.json")["extra"]["model_pixels"]
+    own = np.array(own)
+    new = (truth - own) @ np.linalg.inv(basis(own, (0.1, 0.1), names, "sn")).T
+    expected = (np.array(card["site_layer"]["offsets"]) * 2.5 + new) / 3.5
+    kept = np.linalg.norm((truth - own) * 0.1, axis=1) <= 10.0  # longer corrections are left out
+    assert kept.all() and np.allclose(site["offsets"], expected, atol=2e-6)
 
 
 def _synthetic_cases(folder, k=19, n=3):

@@ -61,12 +61,22 @@ def basis(xy: np.ndarray, spacing: tuple[float, float], names: Sequence[str], fr
 
 def fit_layer(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], spacings: Sequence[tuple[float, float]],
               names: Sequence[str], frame: str = "sn", shrink: float = 1.0,
-              cases: Sequence[str] = (), clip_mm: float = CLIP_MM) -> SiteLayer:
-    """The layer from the model's detections and the site's corrected points (pixels)."""
-    if not preds:
+              cases: Sequence[str] = (), clip_mm: float = CLIP_MM, prior: SiteLayer | None = None) -> SiteLayer:
+    """The layer from the model's detections and the site's corrected points (pixels).
+
+    ``prior``: a layer of the same model and frame fitted on other cases (whose detections are
+    not at hand: a fine-tuned model's layer of its training cases); its cases count as if given."""
+    if not preds and prior is None:
         raise ValueError("no corrected cases to adapt to")
     k = len(names)
     total, count = np.zeros((k, 2)), np.zeros(k, dtype=int)
+    if prior is not None:
+        if prior.frame != frame or prior.offsets.shape != (k, 2):
+            raise ValueError(f"the model's own layer ({prior.frame}, {len(prior.offsets)} landmarks) "
+                             f"cannot be combined with a {frame} layer of {k} landmarks")
+        count += np.asarray(prior.counts or [len(prior.cases)] * k, dtype=int)
+        total += prior.offsets * (count + prior.shrink)[:, None] * (count > 0)[:, None]
+        cases = [*prior.cases, *cases]
     for pred, truth, spacing in zip(preds, truths, spacings):
         if pred.shape != (k, 2) or np.shape(truth) != (k, 2):
             raise ValueError(f"a case has {len(truth)} landmarks, the model {k}")
@@ -87,13 +97,14 @@ def apply_layer(xy: np.ndarray, spacing: tuple[float, float], names: Sequence[st
 
 
 def leave_one_out(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], spacings: Sequence[tuple[float, float]],
-                  names: Sequence[str], frame: str, shrink: float) -> np.ndarray:
-    """(N, K) error in mm of each case after the layer fitted on the other cases (NaN where the
-    clinician marked the point missing): what the adapted model's errors look like at the site."""
+                  names: Sequence[str], frame: str, shrink: float, prior: SiteLayer | None = None) -> np.ndarray:
+    """(N, K) error in mm of each case after the layer fitted on the other cases (and ``prior``;
+    NaN where the clinician marked the point missing): the adapted model's errors at the site."""
     out = []
     for i, (pred, truth, spacing) in enumerate(zip(preds, truths, spacings)):
         rest = [j for j in range(len(preds)) if j != i]
-        moved = pred if not rest else apply_layer(pred, spacing, names, fit_layer(
-            [preds[j] for j in rest], [truths[j] for j in rest], [spacings[j] for j in rest], names, frame, shrink))
+        moved = pred if not rest and prior is None else apply_layer(pred, spacing, names, fit_layer(
+            [preds[j] for j in rest], [truths[j] for j in rest], [spacings[j] for j in rest], names, frame, shrink,
+            prior=prior))
         out.append(np.linalg.norm((moved - np.asarray(truth, float)) * spacing, axis=1))
     return np.stack(out)

@@ -51,6 +51,13 @@ class SiteCases:
         self.spacings.append(tuple(spacing))
         self.raws.append(None if raw is None else np.asarray(raw, dtype=np.float64))
 
+    def without(self, ids: Sequence[str]) -> "SiteCases":
+        kept = SiteCases()
+        for i, case_id in enumerate(self.ids):
+            if case_id not in ids:
+                kept.add(case_id, self.preds[i], self.truths[i], self.spacings[i], self.raws[i])
+        return kept
+
 
 @dataclass
 class Adaptation:
@@ -69,18 +76,20 @@ class Adaptation:
 
 
 def adapt_cases(site: SiteCases, names: Sequence[str], calibration: dict[str, Any] | None,
-                frame: str | None = None, shrink: float = DEFAULT_SHRINK) -> Adaptation:
+                frame: str | None = None, shrink: float = DEFAULT_SHRINK, prior: SiteLayer | None = None) -> Adaptation:
     """The layer of the site's cases, and the calibration widened to the site: the multiplier of
     the error scale from each case's error once adapted to the *other* cases (an honest error,
     unlike the case's own), on the cases whose raw confidence was recorded. Widened only: a few
     cases never make the confidence surer than its validation said (docs/benchmarks.md, round 7)."""
+    if prior is not None:  # the model's own layer goes on with its frame and shrinkage
+        frame, shrink = prior.frame, prior.shrink
     frame = frame or default_frame(names)
-    layer = fit_layer(site.preds, site.truths, site.spacings, names, frame, shrink, site.ids)
+    layer = fit_layer(site.preds, site.truths, site.spacings, names, frame, shrink, site.ids, prior=prior)
     use = [i for i, raw in enumerate(site.raws) if raw is not None]
     if not calibration or not use:
         return Adaptation(layer, None)
     base = {k: v for k, v in calibration.items() if not k.startswith("site_")}
-    errors = leave_one_out(site.preds, site.truths, site.spacings, names, frame, shrink)[use]
+    errors = leave_one_out(site.preds, site.truths, site.spacings, names, frame, shrink, prior)[use]
     prob = calibrated(base, np.stack([site.raws[i] for i in use]))
     ok = np.isfinite(errors)
     scale = max(1.0, fit_scale(prob[ok], errors[ok], float(base.get("tail_dof", 1e6)), float(base["radius_mm"])))
@@ -177,11 +186,16 @@ def export_cases(root: str | Path, base_ref: str, names: Sequence[str]) -> SiteC
 
 def refit_site(root: str | Path, model: str, names: Sequence[str]) -> tuple[Path, int] | None:
     """After an Export: refit ``root/site-model`` from every case of ``model``'s base in the
-    export folder; returns the adapted model's card and its number of cases (None: no case)."""
+    export folder (added to the base's own layer, if it has one); returns the adapted model's
+    card and its number of cases (None: no new case)."""
     base = base_model(model)
     card = read_card(resolve(base))
     found = export_cases(root, card.get("name", base), names)
+    # a fine-tuned model's own layer (of its training cases) is added to, never replaced
+    prior = SiteLayer.from_json(card["site_layer"]) if card.get("site_layer") else None
+    if prior is not None:
+        found = found.without(prior.cases)
     if not found.ids:
         return None
-    adapted = adapt_cases(found, names, card.get("calibration"))
-    return write_site_model(base, adapted, Path(root) / SITE_FOLDER), len(found.ids)
+    adapted = adapt_cases(found, names, card.get("calibration"), prior=prior)
+    return write_site_model(base, adapted, Path(root) / SITE_FOLDER), len(adapted.layer.cases)
