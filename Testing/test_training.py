@@ -159,3 +159,22 @@ def test_reframed_stage_keeps_the_init_weights_and_takes_the_new_patch(tmp_path,
             assert torch.equal(det.nets[stage].state_dict()[key], value), key
     lm = det.detect(read_image(cases[6].image, spacing=0.5))
     assert lm.xy.shape == (2, 2) and np.isfinite(lm.xy).all()
+
+
+def test_data_loader_processes_draw_their_own_patch_jitter_reproducibly(cases):
+    """With workers (the GPU path), each process reseeds its augmentation from the epoch's
+    seed: no two processes repeat one jitter sequence, and a rerun draws the same patches."""
+    cfg = training.TrainConfig(**{**CFG, "workers": 2, "patch_rotation": 0.0})  # jitter only
+    specs = training.net_specs(cfg)
+    same = [cases[0]] * 8  # one point of one image, eight times: only the jitter differs
+    data = training.PatchSet(same, [training.load_gray(cases[0])] * 8, specs["refine"]["input"],
+                             specs["coarse"]["input"], cfg, True)
+
+    def targets():
+        training.seed_everything(3, data)
+        loader = torch.utils.data.DataLoader(data, batch_size=1, num_workers=2, worker_init_fn=training._worker_init)
+        return np.array([kp.numpy().ravel() for _, kp, _ in loader])
+
+    first = targets()
+    assert len(np.unique(first.round(4), axis=0)) == len(first) == 16  # 8 cases x 2 points
+    assert np.array_equal(first, targets())

@@ -248,6 +248,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--recipe: unknown {args.recipe!r}; known: {', '.join(RECIPES)}")
     cfg = recipe(args.recipe, coarse_epochs=args.coarse_epochs, refine_epochs=args.refine_epochs,
                  context_epochs=args.context_epochs, seed=args.seed, threads=args.threads or 2,
+                 device=args.device, workers=args.workers,
                  lr=args.lr if args.lr is not None else TrainConfig.lr)
     init = Detector.load(args.init, device="cpu", backend="torch") if args.init else None
     same = init is not None and len(init.names) == len(names)
@@ -448,12 +449,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default 1e-3; lower it to continue training a model)")
     t.add_argument("--recipe", default="v1",
-                   help="architecture + augmentation recipe (training.RECIPES: v1, v2, v3)")
+                   help="architecture + augmentation recipe (training.RECIPES: v1, v2, v3, v2-640, v2-800)")
     t.add_argument("--reframe", nargs="+", default=[], choices=["coarse", "context", "refine"],
                    help="with --init: these stages keep their weights but take the recipe's input size "
                         "and patch extent")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the nets train (cuda: bfloat16 autocast); the model is exported on the CPU")
+    t.add_argument("--workers", type=int, default=0, help="data-loader processes for the augmentation")
     t.set_defaults(func=cmd_train)
     c = sub.add_parser("calibrate", help="fit a model's confidence calibration on validation cases")
     c.add_argument("csv", help="ISBI-style CSV of annotated validation cases (never the test sets)")

@@ -11,10 +11,12 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import SimpleITK as sitk
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk  # imported where a file is read: the GPU training path runs without it
 
 # Formats whose files carry no physical spacing (SimpleITK reports 1.0).
 PLAIN_FORMATS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
@@ -111,6 +113,8 @@ def read_image(path: str | Path, spacing: float | None = None, slice_index: int 
         raise ImageError(f"{path}: truncated JPEG (no end-of-image marker)")
     with _itk_name(path) as name:
         reader, img = _read(path, name, io)
+    import SimpleITK as sitk
+
     arr = sitk.GetArrayFromImage(img)  # (H, W[, C]) or (D, H, W[, C])
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise ImageError(f"{path}: {int((~np.isfinite(arr)).sum())} pixels are NaN or infinite")
@@ -143,6 +147,8 @@ def read_image(path: str | Path, spacing: float | None = None, slice_index: int 
 
 def _read(path: Path, name: str, io: str | None) -> tuple[sitk.ImageFileReader, sitk.Image]:
     """Header first (size check before any pixel is decoded), then the pixels."""
+    import SimpleITK as sitk
+
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(name)

@@ -61,6 +61,8 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     checkpoint_every_s: float = 60.0  # resumable checkpoint at most this often (and at the end)
+    device: str = "cpu"  # "cuda": nets and batches on the GPU (bfloat16 autocast), augmentation on CPU
+    workers: int = 0  # data-loader processes (augmentation) beside the training loop
 
 
 # Named recipes (configs as data): "v1" trained the models of release 0.1; "v2" is the
@@ -76,6 +78,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "v1": {},
     "v2": _V2,
     "v3": {**_V2, "refine_size": (128, 128), "refine_fraction": 0.12, "refine_jitter": 0.1},
+    # higher-resolution whole-image stages (issue 27; the GPU path: bench/gpu_train.sh)
+    "v2-640": {**_V2, "coarse_size": (640, 512)},
+    "v2-800": {**_V2, "coarse_size": (800, 640)},
 }
 
 
@@ -244,7 +249,8 @@ def _targets(net: LandmarkNet, kp_in: torch.Tensor, in_wh: tuple[int, int], sigm
              ) -> tuple[torch.Tensor, tuple[int, int]]:
     s = net.heatmap_stride
     hm_wh = (in_wh[0] // s, in_wh[1] // s)
-    kp_hm = kp_in * torch.tensor([(hm_wh[0] - 1) / (in_wh[0] - 1), (hm_wh[1] - 1) / (in_wh[1] - 1)])
+    kp_hm = kp_in * torch.tensor([(hm_wh[0] - 1) / (in_wh[0] - 1), (hm_wh[1] - 1) / (in_wh[1] - 1)],
+                                 device=kp_in.device)
     return encode_heatmaps(kp_hm, hm_wh, sigma), hm_wh
 
 
@@ -255,15 +261,18 @@ def run_stage(name: str, net: LandmarkNet, data: torch.utils.data.Dataset, in_wh
 
     Softmax nets learn by spatial cross-entropy, raw-heatmap nets (Sapiens) by MSE as in mmpose.
     """
+    device = torch.device(cfg.device)
+    net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True,
-                                         drop_last=len(data) >= 2 * batch_size, num_workers=0)
+                                         drop_last=len(data) >= 2 * batch_size, num_workers=cfg.workers,
+                                         worker_init_fn=_worker_init if cfg.workers else None)
     total = epochs * len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda it: min(1.0, (it + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(it, total) / total)))
     ckpt, start = work / f"{name}.ckpt", 0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
+        state = torch.load(ckpt, weights_only=True, map_location=device)
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -274,12 +283,13 @@ def run_stage(name: str, net: LandmarkNet, data: torch.utils.data.Dataset, in_wh
         net.train()
         t0, losses = time.time(), []
         for batch in loader:
-            x, kp = batch[0], batch[1]
+            x, kp = batch[0].to(device), batch[1].to(device)
             weight = torch.isfinite(kp).all(-1).float()  # (B, K): 0 for points marked missing
             target, _ = _targets(net, torch.nan_to_num(kp), in_wh, cfg.sigma)
-            out = net(x)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = net(x).float()
             if len(batch) == 3:  # patches: supervise only the patch's own landmark
-                idx = batch[2]
+                idx = batch[2].to(device)
                 out, target = out[torch.arange(len(idx)), idx][:, None], target[:, None]
                 weight = weight[:, None]
             loss = softmax_ce(out, target, weight) if softmax else masked_mse(out, target, weight)
@@ -307,6 +317,12 @@ def transfer(source: torch.nn.Module, target: torch.nn.Module) -> list[str]:
     keep = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
     target.load_state_dict({**own, **keep})
     return sorted(set(own) - set(keep))
+
+
+def _worker_init(worker_id: int) -> None:
+    """A data-loader process draws its own augmentation (seeded from the epoch's seed)."""
+    info = torch.utils.data.get_worker_info()
+    seed_everything(info.seed % 2 ** 32, info.dataset)
 
 
 def seed_everything(seed: int, data: Any = None) -> None:
@@ -397,7 +413,7 @@ def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Seque
         def run() -> dict[str, float]:
             if not val_cases:
                 return {}
-            det = Detector(card, TorchBackend(use, "cpu", cfg.threads, channels_last=False))
+            det = Detector(card, TorchBackend(use, cfg.device, cfg.threads, channels_last=False))
             return {val_key: mean_radial_error(det, val_cases, val_images)}
         return run
 
@@ -418,6 +434,7 @@ def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Seque
             data, batch = PatchSet(train_cases, grays, spec, cs, cfg, True), cfg.refine_batch_size
         run_stage(stage, net, data, tuple(spec["size"][::-1]), cfg, epochs[stage], batch, work,
                   validate(stage), log, softmax=spec.get("activation") == "softmax")
+    nets = {stage: net.cpu() for stage, net in nets.items()}  # calibrated and exported on the CPU
     card.pop("calibration", None)  # an inherited one would describe another model
     card.pop("shape", None)
     hand = [n for n, _ in landmarks] == [n for n, _ in HAND_37]
