@@ -75,6 +75,15 @@ def test_validation_error_is_logged_in_pixels_when_the_spacing_is_unknown(tmp_pa
     assert "val_mre_mm" not in record and record["val_mre_px"] > 0
 
 
+def test_the_error_on_training_images_is_logged_beside_validation(tmp_path, cases):
+    cfg = training.TrainConfig(**{**CFG, "coarse_epochs": 1, "refine_epochs": 0, "train_check": 3})
+    path = training.fit(cases[:6], cases[6:], NAMES, tmp_path / "m", cfg)
+    (record,) = [json.loads(x) for x in (tmp_path / "m" / "work" / "log.jsonl").read_text().splitlines()]
+    # the same model on training images 0, 2 and 4 (evenly spaced), measured afresh
+    again = training.mean_radial_error(Detector.load(path, backend="torch"), [cases[0], cases[2], cases[4]])
+    assert record["train_mre_mm"] == pytest.approx(again, rel=0.02) and record["val_mre_mm"] > 0
+
+
 def test_context_stage_added_to_a_trained_model_runs_before_refine(tmp_path, cases, trained):
     base = Detector.load(trained, backend="torch")
     cfg = training.TrainConfig(**{**CFG, "coarse_epochs": 0, "refine_epochs": 0, "context_epochs": 1,

@@ -248,7 +248,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--recipe: unknown {args.recipe!r}; known: {', '.join(RECIPES)}")
     cfg = recipe(args.recipe, coarse_epochs=args.coarse_epochs, refine_epochs=args.refine_epochs,
                  context_epochs=args.context_epochs, seed=args.seed, threads=args.threads or 2,
-                 device=args.device, workers=args.workers,
+                 device=args.device, workers=args.workers, train_check=args.train_check,
                  lr=args.lr if args.lr is not None else TrainConfig.lr)
     init = Detector.load(args.init, device="cpu", backend="torch") if args.init else None
     same = init is not None and len(init.names) == len(names)
@@ -458,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where the nets train (cuda: bfloat16 autocast); the model is exported on the CPU")
     t.add_argument("--workers", type=int, default=0, help="data-loader processes for the augmentation")
+    t.add_argument("--train-check", type=int, default=0,
+                   help="also log the MRE on N evenly spaced training images each epoch (train_mre_mm)")
     t.set_defaults(func=cmd_train)
     c = sub.add_parser("calibrate", help="fit a model's confidence calibration on validation cases")
     c.add_argument("csv", help="ISBI-style CSV of annotated validation cases (never the test sets)")

@@ -63,6 +63,7 @@ class TrainConfig:
     checkpoint_every_s: float = 60.0  # resumable checkpoint at most this often (and at the end)
     device: str = "cpu"  # "cuda": nets and batches on the GPU (bfloat16 autocast), augmentation on CPU
     workers: int = 0  # data-loader processes (augmentation) beside the training loop
+    train_check: int = 0  # also log the MRE on this many training images (the fit diagnosis)
 
 
 # Named recipes (configs as data): "v1" trained the models of release 0.1; "v2" is the
@@ -403,6 +404,8 @@ def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Seque
     grays = [load_gray(c) for c in train_cases]
     val_images = [read_image(c.image, spacing=c.spacing) for c in val_cases]
     val_key = "val_mre_mm" if all(im.spacing_known for im in val_images) else "val_mre_px"  # hands
+    seen = list(train_cases[::max(1, len(train_cases) // cfg.train_check)][:cfg.train_check]) if cfg.train_check else []
+    seen_images = [read_image(c.image, spacing=c.spacing) for c in seen]
 
     def validate(upto: str) -> Callable[[], dict[str, float]]:
         """Validation MRE of the model as far as ``upto`` (later stages that are new are skipped)."""
@@ -411,10 +414,11 @@ def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Seque
                if not (s in later_new and (init is None or s not in init.nets))}
 
         def run() -> dict[str, float]:
-            if not val_cases:
-                return {}
             det = Detector(card, TorchBackend(use, cfg.device, cfg.threads, channels_last=False))
-            return {val_key: mean_radial_error(det, val_cases, val_images)}
+            out = {val_key: mean_radial_error(det, val_cases, val_images)} if val_cases else {}
+            if seen:  # evenly spaced training images: how well the model fits what it learns from
+                out[val_key.replace("val_", "train_")] = mean_radial_error(det, seen, seen_images)
+            return out
         return run
 
     def log(record: dict[str, Any]) -> None:
