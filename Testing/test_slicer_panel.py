@@ -407,3 +407,16 @@ def test_each_export_refits_the_site_layer_from_the_markups_alone(ceph_dir, tmp_
     assert moved[15][0] == pytest.approx(3.0 * 3 / 3.5, abs=0.4)  # mm along x, shrunk by half a case
     expected = np.array(layer["offsets"][15]) @ basis(base.xy, (0.1, 0.1), base.names, "sn").T * 0.1
     assert np.allclose(moved[15], expected, atol=1e-3)
+
+
+def test_the_export_status_says_when_the_sites_errors_lowered_the_confidence(tmp_path):
+    from MedSapiensLandmarksLib.cards import resolve
+    from MedSapiensLandmarksLib.panel import adapted_text
+
+    card, path = json.loads(resolve("ceph-isbi2015").read_text()), tmp_path / "model.json"
+    for scale, cases, said in ((1.4142, 3, "the model is adapted to 3 cases of this site; confidence lowered to "
+                                           "this site's errors (x1.41 wider)"),
+                               (1.0, 1, "the model is adapted to 1 case of this site")):
+        card["calibration"]["site_scale"] = scale
+        path.write_text(json.dumps(card))
+        assert adapted_text((str(path), cases)) == said

@@ -173,7 +173,7 @@ class PanelController:
         if adapted is None:
             return case, f"Exported {case}"
         params.model = adapted[0]
-        return case, f"Exported {case}; {adapted_text(adapted[1])}"
+        return case, f"Exported {case}; {adapted_text(adapted)}"
 
     def set_spacing(self, params: Any, text: str, source: str = "user") -> float:
         """The pixel spacing the user typed (mm per pixel)."""
@@ -221,8 +221,14 @@ def model_choices() -> list[tuple[str, str]]:
     return choices
 
 
-def adapted_text(cases: int) -> str:
-    return f"the model is adapted to {cases} case{'' if cases == 1 else 's'} of this site"
+def adapted_text(adapted: tuple[str, int]) -> str:
+    """What an Export says of the adapted model (``logic.adapt_to_exports``: card, cases)."""
+    from .cards import read_card
+
+    card, cases = adapted
+    text = f"the model is adapted to {cases} case{'' if cases == 1 else 's'} of this site"
+    scale = (read_card(Path(card)).get("calibration") or {}).get("site_scale", 1.0)
+    return text + (f"; confidence lowered to this site's errors (x{scale:.2f} wider)" if scale > 1.0 else "")
 
 
 def device(params: Any) -> str | None:

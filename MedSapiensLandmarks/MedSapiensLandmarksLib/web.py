@@ -337,7 +337,7 @@ class LandmarksWebApp:
         adapted = self.logic.adapt_to_exports(self.export_dir, self.model, labels)  # the site's convention
         if adapted is not None:
             self.model = adapted[0]
-            status += f"; {adapted_text(adapted[1])}"
+            status += f"; {adapted_text(adapted)}"
         with self.server.state as s:
             s.status, s.error = status, ""
 
