@@ -130,9 +130,9 @@ def test_a_site_with_wider_errors_gets_lower_confidence_and_one_within_them_the_
 
     wide = site(4.0)  # about 5 mm off on average: far more than 10 % beyond 2 mm
     assert wide.calibration["site_scale"] > 2.0 and wide.calibration["site_points"] == 95
-    assert apply(wide.calibration, raw).max() < 0.5 and "widened x" in wide.confidence_note
+    assert apply(wide.calibration, raw).max() < 0.5 and "widened x" in wide.confidence_note()
     close = site(0.05)  # the site agrees with the model: never surer than validation said
-    assert close.calibration["site_scale"] == 1.0 and "not widened" in close.confidence_note
+    assert close.calibration["site_scale"] == 1.0 and "not widened" in close.confidence_note()
     assert np.allclose(apply(close.calibration, raw), 0.9)
     # no raw confidence recorded (an older export): the base calibration, said so
     found = SiteCases()

@@ -315,7 +315,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     top = ", ".join(f"{det.names[i]} {size[i]:.3g}" for i in np.argsort(-size)[:3])
     unit = "|S-N|" if layer.frame == "sn" else "mm"
     print(f"adapted {base} to {len(layer.cases)} cases of this site (frame {layer.frame}, shrink "
-          f"{layer.shrink:g}); largest offsets ({unit}): {top}; confidence: {adapted.confidence_note}; "
+          f"{layer.shrink:g}); largest offsets ({unit}): {top}; confidence: {adapted.confidence_note()}; "
           f"model written: {path}")
     return 0
 

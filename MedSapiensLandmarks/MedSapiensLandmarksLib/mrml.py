@@ -275,9 +275,10 @@ def landmarks_to_node(scene: Any, lm: Landmarks, node: Any | None = None, name: 
     node.SetAttribute(ATTR_MODEL, str(lm.meta.get("model", "")))
     node.SetAttribute(ATTR_ERROR_MODEL, json.dumps(lm.meta.get("error_model")))
     if "model_pixels" in lm.meta:
-        node.SetAttribute(ATTR_MODEL_POINTS, json.dumps({"ref": lm.meta.get("model_ref", ""), "pixels": np.round(
-            lm.meta["model_pixels"], 3).tolist(), **({"raw_confidence": np.round(np.asarray(
-                lm.meta["raw_confidence"], float), 5).tolist()} if "raw_confidence" in lm.meta else {})}))
+        own = {"ref": lm.meta.get("model_ref", ""), "pixels": np.round(lm.meta["model_pixels"], 3).tolist()}
+        if "raw_confidence" in lm.meta:
+            own["raw_confidence"] = np.round(np.asarray(lm.meta["raw_confidence"], float), 5).tolist()
+        node.SetAttribute(ATTR_MODEL_POINTS, json.dumps(own))
     if "plausibility" in lm.meta:
         node.SetAttribute(ATTR_PLAUSIBILITY, json.dumps(lm.meta["plausibility"]))
     else:

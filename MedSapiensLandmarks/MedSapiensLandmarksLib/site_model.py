@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -64,15 +64,15 @@ class Adaptation:
     layer: SiteLayer
     calibration: dict[str, Any] | None  # the model's calibration with the site's error scale
 
-    @property
-    def confidence_note(self) -> str:
+    def confidence_note(self, model: str = "base model") -> str:
+        """Which calibration the adapted card uses, for its ``site_layer.confidence``."""
         if self.calibration is None:
-            return "the base model's calibration, not refitted on the site's cases"
+            return f"the {model}'s calibration, not refitted on the site's cases"
         cases = (f"the errors of {len(self.calibration['site_cases'])} site cases after the layer "
                  f"(each case adapted to the others)")
         if self.calibration["site_scale"] > 1.0:
-            return f"the base model's calibration widened x{self.calibration['site_scale']:.2f} to {cases}"
-        return f"the base model's calibration: {cases} are within it, so not widened"
+            return f"the {model}'s calibration widened x{self.calibration['site_scale']:.2f} to {cases}"
+        return f"the {model}'s calibration: {cases} are within it, so not widened"
 
 
 def adapt_cases(site: SiteCases, names: Sequence[str], calibration: dict[str, Any] | None,
@@ -132,7 +132,7 @@ def refit_own_layer(card_path: Path, cases: Sequence[Case], like: dict[str, Any]
     adapted, _warnings = fit_site(det, cases, like.get("frame"), float(like.get("shrink", DEFAULT_SHRINK)))
     card = read_card(card_path)
     card["site_layer"] = {**adapted.layer.to_json(),
-                          "confidence": adapted.confidence_note.replace("base model", "fine-tuned model")}
+                          "confidence": adapted.confidence_note("fine-tuned model")}
     if adapted.calibration is not None:
         card["calibration"] = adapted.calibration
     with atomic_write(card_path) as tmp:
@@ -150,7 +150,7 @@ def write_site_model(base: str, adapted: Adaptation, out: str | Path) -> Path:
     card["base"] = shipped if shipped in model_names() else str(base_path.resolve())  # a name travels
     card["base_name"] = card.get("name", "")  # the detections' model (`Landmarks.meta["model_ref"]`)
     card["name"] = f"{card.get('name', 'model')} adapted to {len(layer.cases)} site cases"
-    card["site_layer"] = {**layer.to_json(), "confidence": adapted.confidence_note}
+    card["site_layer"] = {**layer.to_json(), "confidence": adapted.confidence_note()}
     if adapted.calibration is not None:
         card["calibration"] = adapted.calibration
     out = Path(out)

@@ -79,7 +79,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "v1": {},
     "v2": _V2,
     "v3": {**_V2, "refine_size": (128, 128), "refine_fraction": 0.12, "refine_jitter": 0.1},
-    # higher-resolution whole-image stages (issue 27; the GPU path: bench/gpu_train.sh)
+    # higher-resolution whole-image stages (issue 27; the GPU path: bench/gpu_train.py)
     "v2-640": {**_V2, "coarse_size": (640, 512)},
     "v2-800": {**_V2, "coarse_size": (800, 640)},
 }
@@ -414,6 +414,8 @@ def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Seque
                if not (s in later_new and (init is None or s not in init.nets))}
 
         def run() -> dict[str, float]:
+            if not val_cases and not seen:
+                return {}
             det = Detector(card, TorchBackend(use, cfg.device, cfg.threads, channels_last=False))
             out = {val_key: mean_radial_error(det, val_cases, val_images)} if val_cases else {}
             if seen:  # evenly spaced training images: how well the model fits what it learns from
