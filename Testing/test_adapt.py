@@ -58,7 +58,7 @@ def test_adapt_learns_the_sites_offsets_and_detect_applies_them(site, ceph_dir, 
     assert np.abs(adapted.xy - expected).max() < 0.05  # px
     moved = np.linalg.norm(adapted.xy - before, axis=1) * 0.1
     assert moved[15] > 2.0 and moved[5] > 1.0 and np.delete(moved, [5, 15]).max() < 0.01  # mm
-    assert adapted.meta["site_layer"] == {"cases": 3, "frame": "sn"}
+    assert adapted.meta["site_layer"] == {"cases": 3, "frame": "sn", "withheld": False}
     # refitting an adapted model starts from its base, never stacks layers
     assert main(["adapt", "--csv", str(folder / "cases.csv"), "--images", str(folder), "--spacing", "0.1",
                  "--model", str(tmp_path / "adapted"), "-o", str(tmp_path / "again")]) == 0
@@ -110,6 +110,59 @@ def test_each_case_is_scored_with_the_layer_of_the_other_cases():
     assert np.allclose(err[:, 0], 0.5 * 0.2) and np.allclose(err[:2, 1], 0.2 / 3)
     # one case alone is scored unadapted
     assert np.allclose(leave_one_out(preds[:1], truths[:1], sp[:1], names, "mm", 0.5), [[0.5, 0.2]])
+
+
+def test_a_layer_that_does_not_help_the_sites_own_cases_is_withheld():
+    from MedSapiensLandmarksLib.adaptation import apply_layer
+    from MedSapiensLandmarksLib.site_model import SiteCases, adapt_cases
+
+    names = [f"P{k}" for k in range(19)]
+    rng = np.random.default_rng(1)
+    truths = [rng.uniform(100, 900, (19, 2)) for _ in range(5)]
+    sp = (0.1, 0.1)
+
+    def site(convention_mm, noise_mm, n=5):
+        found = SiteCases()
+        for i, t in enumerate(truths[:n]):
+            pred = t + rng.normal(0, noise_mm / 0.1, t.shape)
+            pred[4, 0] -= convention_mm / 0.1  # the site puts P4 this far right of the model
+            found.add(str(i), pred, t, sp, None)
+        return found, adapt_cases(found, names, None, "mm").layer
+
+    # the same rule by hand: each case's error with the layer of the others against its own
+    found, noise = site(0.0, 1.5)
+    loo = leave_one_out(found.preds, found.truths, found.spacings, names, "mm", 0.5)
+    own = np.stack([np.linalg.norm((p - t) * 0.1, axis=1) for p, t in zip(found.preds, found.truths)])
+    assert loo.mean() > own.mean() and noise.withheld  # offsets of noise only add noise
+    assert np.abs(noise.offsets).max() > 0.1  # still fitted and kept (a later Export may apply it)
+    x = rng.uniform(100, 900, (19, 2))
+    assert np.array_equal(apply_layer(x, sp, names, noise), x)
+    found, conv = site(3.0, 0.3)
+    assert not conv.withheld
+    assert apply_layer(x, sp, names, conv)[4, 0] - x[4, 0] == pytest.approx(30 * 5 / 5.5, abs=2.0)  # px
+    assert not site(0.0, 1.5, n=1)[1].withheld  # one case cannot judge itself
+    from MedSapiensLandmarksLib.adaptation import SiteLayer
+
+    assert SiteLayer.from_json(noise.to_json()).withheld and not SiteLayer.from_json(conv.to_json()).withheld
+
+
+def test_adapt_says_when_the_sites_cases_agree_with_the_model(ceph_dir, tmp_path, capsys):
+    det = Detector.load(BASE)
+    rng = np.random.default_rng(2)
+    rows = [["image_path"] + [f"{i}_{a}" for i in range(1, 20) for a in ("x", "y")]]
+    for case in ("141", "142", "143"):
+        (tmp_path / f"{case}.jpg").symlink_to(ceph_dir / "images" / f"{case}.jpg")
+        xy = det.detect(read_image(tmp_path / f"{case}.jpg", spacing=0.1)).xy + rng.normal(0, 10.0, (19, 2))
+        rows.append([f"{case}.jpg", *(f"{v:.4f}" for v in xy.ravel())])
+    with open(tmp_path / "cases.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    assert adapt(tmp_path, tmp_path / "adapted") == 0
+    assert "(withheld: each case adapted to the others lands farther" in capsys.readouterr().out
+    card = json.loads((tmp_path / "adapted" / "model.json").read_text())
+    assert card["site_layer"]["withheld"] is True
+    image = read_image(ceph_dir / "images" / "144.jpg", spacing=0.1)
+    adapted = Detector.load(tmp_path / "adapted").detect(image)
+    assert np.array_equal(adapted.xy, det.detect(image).xy) and adapted.meta["site_layer"]["withheld"]
 
 
 def test_a_site_with_wider_errors_gets_lower_confidence_and_one_within_them_the_base_calibration():

@@ -216,9 +216,10 @@ def test_a_fine_tune_from_the_adapted_model_ends_adapted_to_its_own_detections(c
     from MedSapiensLandmarksLib.logic import FinetuneJob
 
     out, names = export_corrected(ceph_dir, tmp_path, scene, logic)
-    adapted, cases = logic.adapt_to_exports(out, "default", names)  # what every Export does
-    assert cases == 3
-    job = FinetuneJob(out, tmp_path / "model", init=str(adapted), coarse_epochs=1, refine_epochs=1)
+    adapted = logic.adapt_to_exports(out, "default", names)  # what every Export does
+    assert adapted.cases == 3
+    assert adapted.scale == json.loads(adapted.card.read_text())["calibration"]["site_scale"] >= 1.0
+    job = FinetuneJob(out, tmp_path / "model", init=str(adapted.card), coarse_epochs=1, refine_epochs=1)
     result = job.wait(timeout=900)
     assert result["returncode"] == 0 and result["site_layer_cases"] == 2  # the two training cases
     card = json.loads((tmp_path / "model" / "model.json").read_text())
@@ -243,9 +244,9 @@ def test_a_fine_tune_from_the_adapted_model_ends_adapted_to_its_own_detections(c
         node.SetNthControlPointPosition(i, *pixel_to_ras(vol, np.array([[x, y]]))[0])
     node.InvokeEvent(node.PointEndInteractionEvent)
     logic.export(vol, node, out)
-    path, cases = logic.adapt_to_exports(out, str(tmp_path / "model" / "model.json"), names)
-    assert cases == 3
-    site = json.loads(Path(path).read_text())["site_layer"]
+    refit = logic.adapt_to_exports(out, str(tmp_path / "model" / "model.json"), names)
+    assert refit.cases == 3
+    site = json.loads(refit.card.read_text())["site_layer"]
     assert site["cases"] == ["153", "154", "156"] and site["counts"] == [3] * 19
     own = read_markups(out / "cases" / "156" / "landmarks.mrk.json")["extra"]["model_pixels"]
     own = np.array(own)

@@ -410,13 +410,12 @@ def test_each_export_refits_the_site_layer_from_the_markups_alone(ceph_dir, tmp_
 
 
 def test_the_export_status_says_when_the_sites_errors_lowered_the_confidence(tmp_path):
-    from MedSapiensLandmarksLib.cards import resolve
     from MedSapiensLandmarksLib.panel import adapted_text
+    from MedSapiensLandmarksLib.site_model import SiteFit
 
-    card, path = json.loads(resolve("ceph-isbi2015").read_text()), tmp_path / "model.json"
     for scale, cases, said in ((1.4142, 3, "the model is adapted to 3 cases of this site; confidence lowered to "
                                            "this site's errors (x1.41 wider)"),
                                (1.0, 1, "the model is adapted to 1 case of this site")):
-        card["calibration"]["site_scale"] = scale
-        path.write_text(json.dumps(card))
-        assert adapted_text((str(path), cases)) == said
+        assert adapted_text(SiteFit(tmp_path / "model.json", cases, scale)) == said
+    assert adapted_text(SiteFit(tmp_path / "model.json", 3, 1.0, withheld=True)) == (
+        "the model is adapted to 3 cases of this site (they place the points as the model does: no offsets applied)")

@@ -48,6 +48,7 @@ CONDITIONS = ("annotation", "start", "coarse", "scanner", "train")
 VARIANTS: dict[str, dict] = {
     "base": {},  # the shipped patch stage of recipe v2 (25 epochs)
     "aug": {"patch_scale": 0.2, "patch_rotation": 15.0, "patch_site_shift": 0.3},
+    "long": {"refine_epochs": 100},  # the fit-first schedule: 4x base
 }
 
 

@@ -18,6 +18,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MedSapiensLandmarks"))
 from MedSapiensLandmarksLib.adaptation import FRAMES, apply_layer, fit_layer  # noqa: E402
 from MedSapiensLandmarksLib.datasets import read_landmark_csv  # noqa: E402
+from MedSapiensLandmarksLib.site_model import SiteCases, adapt_cases  # noqa: E402
 
 from proxy_site import SPACING_OUT, build  # noqa: E402
 
@@ -54,6 +55,16 @@ def both(pred: np.ndarray, junior: np.ndarray, senior: np.ndarray, ids: list[str
     return f"{ratio(pred, junior, senior):.3f} ({ratio(pred, junior, senior, keep):.3f})"
 
 
+def layered(pred: np.ndarray, truth: np.ndarray, n: int, sp: tuple[float, float], names) -> np.ndarray:
+    """pred[n:] moved by the layer of the first n cases as every Export fits it (withheld where
+    the cases say so)."""
+    site = SiteCases()
+    for i in range(n):
+        site.add(str(i), pred[i], truth[i], sp, None)
+    layer = adapt_cases(site, names, None).layer
+    return np.stack([apply_layer(p, sp, names, layer) for p in pred[n:]])
+
+
 def main(isbi: Path, out: Path, model: str = "default") -> dict:
     if not (out / "junior.csv").exists():
         build(isbi, out)
@@ -78,13 +89,15 @@ def main(isbi: Path, out: Path, model: str = "default") -> dict:
             [p for j, p in enumerate(pred) if j != i], [t for j, t in enumerate(junior) if j != i],
             [sp] * (n_all - 1), names, frame, 0.0)) for i in range(n_all)])
         result[f"oracle_{frame}"] = both(moved, junior, senior, ids)
-    for n in SIZES:
+    for n in (1, 2, *SIZES):
         rows = {}
         for frame in FRAMES:
             for shrink in SHRINKS:
                 layer = fit_layer(list(pred[:n]), list(junior[:n]), [sp] * n, names, frame, shrink)
                 moved = np.stack([apply_layer(p, sp, names, layer) for p in pred[n:]])
                 rows[f"{frame} shrink {shrink:g}"] = both(moved, junior[n:], senior[n:], ids[n:])
+        rows["as every Export fits it (sn, shrink 0.5, withheld where the cases say)"] = both(
+            layered(pred, junior, n, sp, names), junior[n:], senior[n:], ids[n:])
         rows["zero-shot on the same images"] = both(pred[n:], junior[n:], senior[n:], ids[n:])
         result[f"first_{n}"] = rows
     return result

@@ -19,29 +19,39 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "MedSapiensLandmarks"))
-from MedSapiensLandmarksLib.adaptation import DEFAULT_SHRINK, apply_layer, default_frame, fit_layer  # noqa: E402
 from MedSapiensLandmarksLib.datasets import read_landmark_csv  # noqa: E402
 from MedSapiensLandmarksLib.detector import Detector  # noqa: E402
 from MedSapiensLandmarksLib.logic import FINETUNE_EPOCHS  # noqa: E402
 
 from proxy_site import SPACING_OUT  # noqa: E402
-from site_adaptation import SIZES, both, detections  # noqa: E402  (bench/ is on sys.path when run)
+from site_adaptation import SIZES, both, detections, layered  # noqa: E402  (bench/ is on sys.path when run)
 
 
-def finetune(proxy: Path, out: Path, model: str, ids: list[str]) -> tuple[Path, dict]:
+def finetune(csv: Path, images: Path, out: Path, model: str, ids: list[str], spacing: float | None) -> tuple[Path, dict]:
+    """The panel's Fine-tune of MODEL on the cases ``ids`` of CSV (kept in OUT/N<n>) and its report."""
     folder = out / f"N{len(ids)}"
     if not (folder / "model.json").exists():
         t = time.time()
-        subprocess.run([sys.executable, "-m", "MedSapiensLandmarksLib.cli", "train", "--csv", str(proxy / "junior.csv"),
-                        "--images", str(proxy / "images"), "--spacing", str(SPACING_OUT), "--ids", ",".join(ids),
-                        "--val-count", str(max(1, len(ids) // 5)), "--init", model, "--threads", "1",
-                        "--coarse-epochs", str(FINETUNE_EPOCHS["coarse_epochs"]),
+        subprocess.run([sys.executable, "-m", "MedSapiensLandmarksLib.cli", "train", "--csv", str(csv),
+                        "--images", str(images), *(["--spacing", str(spacing)] if spacing else []),
+                        "--ids", ",".join(ids), "--val-count", str(max(1, len(ids) // 5)), "--init", model,
+                        "--threads", "1", "--coarse-epochs", str(FINETUNE_EPOCHS["coarse_epochs"]),
                         "--refine-epochs", str(FINETUNE_EPOCHS["refine_epochs"]), "-o", str(folder)],
                        check=True, cwd=ROOT / "MedSapiensLandmarks")
         (folder / "wall_s.txt").write_text(f"{time.time() - t:.0f}\n")
     report = json.loads((folder / "finetune.json").read_text())
     report["wall_s"] = float((folder / "wall_s.txt").read_text())
     return folder, report
+
+
+def predictions(model: str | Path, cases, spacing: float | None, cache: Path) -> np.ndarray:
+    """MODEL's points on the cases (pixels), cached in CACHE."""
+    if not cache.exists():
+        from MedSapiensLandmarksLib.imageio import read_image
+
+        det = Detector.load(model)
+        np.save(cache, np.stack([det.detect(read_image(c.image, spacing=spacing)).xy for c in cases]))
+    return np.load(cache)
 
 
 def main(isbi: Path, proxy: Path, out: Path, model: str = "default") -> dict:
@@ -52,32 +62,20 @@ def main(isbi: Path, proxy: Path, out: Path, model: str = "default") -> dict:
     ids = [c.case_id for c in cases]
     base = detections(proxy, model, cases)
     names = Detector.load(model).names
-    sp, frame = (SPACING_OUT, SPACING_OUT), default_frame(names)
+    sp = (SPACING_OUT, SPACING_OUT)
     out.mkdir(parents=True, exist_ok=True)
     result = {}
     for n in SIZES:
-        folder, report = finetune(proxy, out, model, ids[:n])
-        tuned = _cached(folder, cases)
+        folder, report = finetune(proxy / "junior.csv", proxy / "images", out, model, ids[:n], SPACING_OUT)
+        tuned = predictions(folder, cases, SPACING_OUT, folder / "pred.npy")
         rows = {"fine-tune": {k: report.get(k) for k in ("accepted", "mre_before_mm", "mre_after_mm", "wall_s")}}
         for name, pred in (("layer only", base), ("fine-tune, then the layer", tuned)):
-            layer = fit_layer(list(pred[:n]), list(junior[:n]), [sp] * n, names, frame, DEFAULT_SHRINK)
-            moved = np.stack([apply_layer(p, sp, names, layer) for p in pred[n:]])
-            rows[name] = both(moved, junior[n:], senior[n:], ids[n:])
+            rows[name] = both(layered(pred, junior, n, sp, names), junior[n:], senior[n:], ids[n:])
         rows["fine-tune only"] = both(tuned[n:], junior[n:], senior[n:], ids[n:])
         rows["zero-shot"] = both(base[n:], junior[n:], senior[n:], ids[n:])
         result[f"first_{n}"] = rows
         print(json.dumps({n: rows}), flush=True)
     return result
-
-
-def _cached(folder: Path, cases) -> np.ndarray:
-    from MedSapiensLandmarksLib.imageio import read_image
-
-    cache = folder / "pred.npy"
-    if not cache.exists():
-        det = Detector.load(folder)
-        np.save(cache, np.stack([det.detect(read_image(c.image, spacing=SPACING_OUT)).xy for c in cases]))
-    return np.load(cache)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ Per landmark, the mean of (clinician - model) over the site's cases, expressed i
 The mean is shrunk toward zero with ``shrink`` pseudo-cases: offset = sum / (n + shrink), so a
 handful of cases moves the points part of the way. Points marked missing (NaN) are left out, and
 so are corrections longer than ``clip_mm`` (a failed detection put right, not a convention).
+
+A layer is *withheld* (kept, but not applied) when the site's own cases say it does not help:
+each case adapted to the others lands farther from the clinician, on average, than the model's
+own point (`withhold`). A site that places the points as the model's training data did then
+keeps the model's points instead of a few cases' noise (docs/benchmarks.md, round 8).
 """
 from __future__ import annotations
 
@@ -30,15 +35,16 @@ class SiteLayer:
     shrink: float
     cases: list[str] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)  # cases per landmark (missing points left out)
+    withheld: bool = False  # the site's cases say the offsets do not help: not applied
 
     def to_json(self) -> dict[str, Any]:
         return {"frame": self.frame, "offsets": np.round(self.offsets, 6).tolist(), "shrink": self.shrink,
-                "cases": list(self.cases), "counts": list(self.counts)}
+                "cases": list(self.cases), "counts": list(self.counts), "withheld": self.withheld}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "SiteLayer":
         return cls(data["frame"], np.asarray(data["offsets"], dtype=np.float64), float(data["shrink"]),
-                   list(data.get("cases", [])), list(data.get("counts", [])))
+                   list(data.get("cases", [])), list(data.get("counts", [])), bool(data.get("withheld", False)))
 
 
 def default_frame(names: Sequence[str]) -> str:
@@ -92,7 +98,9 @@ def fit_layer(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], spacing
 
 
 def apply_layer(xy: np.ndarray, spacing: tuple[float, float], names: Sequence[str], layer: SiteLayer) -> np.ndarray:
-    """The detection moved by the site's offsets (pixels in, pixels out)."""
+    """The detection moved by the site's offsets (pixels in, pixels out; unmoved if withheld)."""
+    if layer.withheld:
+        return xy
     return xy + layer.offsets @ basis(xy, spacing, names, layer.frame).T
 
 
@@ -108,3 +116,16 @@ def leave_one_out(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], spa
             prior=prior))
         out.append(np.linalg.norm((moved - np.asarray(truth, float)) * spacing, axis=1))
     return np.stack(out)
+
+
+def own_errors(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray],
+               spacings: Sequence[tuple[float, float]]) -> np.ndarray:
+    """(N, K) error in mm of the model's own points (NaN where marked missing)."""
+    return np.stack([np.linalg.norm((p - np.asarray(t, float)) * s, axis=1) for p, t, s in zip(preds, truths, spacings)])
+
+
+def withhold(adapted: np.ndarray, own: np.ndarray) -> bool:
+    """Whether the layer should not be applied: the cases' leave-one-out errors (``adapted``) are
+    larger on average than the model's own on the same points (one case alone: never)."""
+    ok = np.isfinite(adapted) & np.isfinite(own)
+    return bool(ok.any() and adapted[ok].mean() > own[ok].mean())

@@ -144,7 +144,8 @@ class Detector:
             meta["model_pixels"], meta["model_ref"] = xy.copy(), self.card.get("base_name", self.card.get("name", ""))
             if self.site is not None:  # after the checks: they judge the model's own points
                 xy = apply_layer(xy, image.spacing, self.names, self.site)
-                meta["site_layer"] = {"cases": len(self.site.cases), "frame": self.site.frame}
+                meta["site_layer"] = {"cases": len(self.site.cases), "frame": self.site.frame,
+                                      "withheld": self.site.withheld}
             # confidence: P(within 2 mm) when the card is calibrated, else the network's own
             results.append(Landmarks(list(self.names), list(self.descriptions), xy, image.to_lps(xy),
                                      calibrated(self.card.get("calibration"), c), meta))

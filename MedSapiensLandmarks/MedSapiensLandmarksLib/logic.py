@@ -60,18 +60,16 @@ class LandmarksLogic:
             self._detectors[key] = Detector.load(model, device=device, **official)
         return self._detectors[key]
 
-    def adapt_to_exports(self, out_dir: str | Path, model: str, names: list[str]) -> tuple[str, int] | None:
-        """Refit the site layer of an export folder (`site_model.refit_site`); the adapted model
-        is loaded afresh on its next use. Returns its card and number of cases, or None."""
+    def adapt_to_exports(self, out_dir: str | Path, model: str, names: list[str]) -> Any:
+        """Refit the site layer of an export folder (`site_model.refit_site`: a ``SiteFit``, or
+        None when there is no new case); the adapted model is loaded afresh on its next use."""
         from .site_model import refit_site
 
         adapted = refit_site(out_dir, model, names)
-        if adapted is None:
-            return None
-        path = str(adapted[0])
-        for key in [k for k in self._detectors if k[0] == path]:
-            del self._detectors[key]
-        return path, adapted[1]
+        if adapted is not None:
+            for key in [k for k in self._detectors if k[0] == str(adapted.card)]:
+                del self._detectors[key]
+        return adapted
 
     def add_detector(self, model: str, detector: Detector, device: str | None = None,
                      anatomy: str | None = None) -> None:

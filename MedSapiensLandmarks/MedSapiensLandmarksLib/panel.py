@@ -172,7 +172,7 @@ class PanelController:
         adapted = self.logic.adapt_to_exports(params.exportFolder, params.model, labels)
         if adapted is None:
             return case, f"Exported {case}"
-        params.model = adapted[0]
+        params.model = str(adapted.card)
         return case, f"Exported {case}; {adapted_text(adapted)}"
 
     def set_spacing(self, params: Any, text: str, source: str = "user") -> float:
@@ -221,13 +221,12 @@ def model_choices() -> list[tuple[str, str]]:
     return choices
 
 
-def adapted_text(adapted: tuple[str, int]) -> str:
-    """What an Export says of the adapted model (``logic.adapt_to_exports``: card, cases)."""
-    from .cards import read_card
-
-    card, cases = adapted
+def adapted_text(adapted: Any) -> str:
+    """What an Export says of the adapted model (``logic.adapt_to_exports``: a ``SiteFit``)."""
+    cases, scale = adapted.cases, adapted.scale
     text = f"the model is adapted to {cases} case{'' if cases == 1 else 's'} of this site"
-    scale = (read_card(Path(card)).get("calibration") or {}).get("site_scale", 1.0)
+    if adapted.withheld:
+        text += " (they place the points as the model does: no offsets applied)"
     return text + (f"; confidence lowered to this site's errors (x{scale:.2f} wider)" if scale > 1.0 else "")
 
 

@@ -10,11 +10,11 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from .adaptation import DEFAULT_SHRINK, SiteLayer, default_frame, fit_layer, leave_one_out
+from .adaptation import DEFAULT_SHRINK, SiteLayer, default_frame, fit_layer, leave_one_out, own_errors, withhold
 from .atomic import atomic_write
 from .calibration import apply as calibrated
 from .calibration import fit_scale
@@ -26,6 +26,16 @@ from .imageio import ImageError, read_image
 from .markups import read_markups
 
 SITE_FOLDER = "site-model"  # beside the cases of an export folder
+
+
+class SiteFit(NamedTuple):
+    """What an Export's refit gives: the adapted model's card, its number of cases and the
+    widening of its confidence to the site's errors (1.0: the base calibration holds)."""
+
+    card: Path
+    cases: int
+    scale: float
+    withheld: bool = False
 
 
 def base_model(model: str) -> str:
@@ -68,8 +78,9 @@ class Adaptation:
         """Which calibration the adapted card uses, for its ``site_layer.confidence``."""
         if self.calibration is None:
             return f"the {model}'s calibration, not refitted on the site's cases"
-        cases = (f"the errors of {len(self.calibration['site_cases'])} site cases after the layer "
-                 f"(each case adapted to the others)")
+        after = ("with the layer withheld" if self.layer.withheld
+                 else "after the layer (each case adapted to the others)")
+        cases = f"the errors of {len(self.calibration['site_cases'])} site cases {after}"
         if self.calibration["site_scale"] > 1.0:
             return f"the {model}'s calibration widened x{self.calibration['site_scale']:.2f} to {cases}"
         return f"the {model}'s calibration: {cases} are within it, so not widened"
@@ -80,16 +91,21 @@ def adapt_cases(site: SiteCases, names: Sequence[str], calibration: dict[str, An
     """The layer of the site's cases, and the calibration widened to the site: the multiplier of
     the error scale from each case's error once adapted to the *other* cases (an honest error,
     unlike the case's own), on the cases whose raw confidence was recorded. Widened only: a few
-    cases never make the confidence surer than its validation said (docs/benchmarks.md, round 7)."""
+    cases never make the confidence surer than its validation said (docs/benchmarks.md, round 7).
+    The same errors decide whether the layer is withheld (`adaptation.withhold`)."""
     if prior is not None:  # the model's own layer goes on with its frame and shrinkage
         frame, shrink = prior.frame, prior.shrink
     frame = frame or default_frame(names)
     layer = fit_layer(site.preds, site.truths, site.spacings, names, frame, shrink, site.ids, prior=prior)
+    errors = leave_one_out(site.preds, site.truths, site.spacings, names, frame, shrink, prior)
+    own = own_errors(site.preds, site.truths, site.spacings)
+    layer.withheld = withhold(errors, own)
+    errors = own if layer.withheld else errors
     use = [i for i, raw in enumerate(site.raws) if raw is not None]
     if not calibration or not use:
         return Adaptation(layer, None)
     base = {k: v for k, v in calibration.items() if not k.startswith("site_")}
-    errors = leave_one_out(site.preds, site.truths, site.spacings, names, frame, shrink, prior)[use]
+    errors = errors[use]
     prob = calibrated(base, np.stack([site.raws[i] for i in use]))
     ok = np.isfinite(errors)
     scale = max(1.0, fit_scale(prob[ok], errors[ok], float(base.get("tail_dof", 1e6)), float(base["radius_mm"])))
@@ -184,10 +200,10 @@ def export_cases(root: str | Path, base_ref: str, names: Sequence[str]) -> SiteC
     return found
 
 
-def refit_site(root: str | Path, model: str, names: Sequence[str]) -> tuple[Path, int] | None:
+def refit_site(root: str | Path, model: str, names: Sequence[str]) -> SiteFit | None:
     """After an Export: refit ``root/site-model`` from every case of ``model``'s base in the
-    export folder (added to the base's own layer, if it has one); returns the adapted model's
-    card and its number of cases (None: no new case)."""
+    export folder (added to the base's own layer, if it has one); returns the adapted model
+    (None: no new case)."""
     base = base_model(model)
     card = read_card(resolve(base))
     found = export_cases(root, card.get("name", base), names)
@@ -198,4 +214,5 @@ def refit_site(root: str | Path, model: str, names: Sequence[str]) -> tuple[Path
     if not found.ids:
         return None
     adapted = adapt_cases(found, names, card.get("calibration"), prior=prior)
-    return write_site_model(base, adapted, Path(root) / SITE_FOLDER), len(adapted.layer.cases)
+    return SiteFit(write_site_model(base, adapted, Path(root) / SITE_FOLDER), len(adapted.layer.cases),
+                   (adapted.calibration or {}).get("site_scale", 1.0), adapted.layer.withheld)

@@ -336,7 +336,7 @@ class LandmarksWebApp:
         labels = [self.markups.GetNthControlPointLabel(i) for i in range(self.markups.GetNumberOfControlPoints())]
         adapted = self.logic.adapt_to_exports(self.export_dir, self.model, labels)  # the site's convention
         if adapted is not None:
-            self.model = adapted[0]
+            self.model = str(adapted.card)
             status += f"; {adapted_text(adapted)}"
         with self.server.state as s:
             s.status, s.error = status, ""
