@@ -157,7 +157,7 @@ def test_adapt_says_when_the_sites_cases_agree_with_the_model(ceph_dir, tmp_path
     with open(tmp_path / "cases.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)
     assert adapt(tmp_path, tmp_path / "adapted") == 0
-    assert "(withheld: each case adapted to the others lands farther" in capsys.readouterr().out
+    assert "(withheld: the corrections do not repeat from case to case" in capsys.readouterr().out
     card = json.loads((tmp_path / "adapted" / "model.json").read_text())
     assert card["site_layer"]["withheld"] is True
     image = read_image(ceph_dir / "images" / "144.jpg", spacing=0.1)

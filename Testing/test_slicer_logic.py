@@ -171,10 +171,23 @@ def test_export_writes_complete_valid_cases(ceph_dir, tmp_path, scene, logic):
     assert not [p for p in (out / "cases").iterdir() if p.name.startswith(".")]
 
 
-def export_corrected(ceph_dir, tmp_path, scene, logic, cases=("153", "154", "155")):
-    """Export folder of ``cases``, each corrected to the senior annotation in the scene."""
-    out = tmp_path / "export"
+CONVENTION = {5: 30.0, 15: 30.0, 6: 20.0}  # B, Pog', Gn: this site puts them 2-3 mm further right (px)
+
+
+def site_truth(ceph_dir, convention=None):
+    """Senior annotations of test1, moved by a site's convention (landmark -> x shift, pixels)."""
     truth = {c.case_id: c.xy for c in read_landmark_csv(ceph_dir / "test1_senior.csv")}
+    for xy in truth.values():
+        for k, dx in (convention or {}).items():
+            xy[k, 0] += dx
+    return truth
+
+
+def export_corrected(ceph_dir, tmp_path, scene, logic, cases=("153", "154", "155"), convention=None):
+    """Export folder of ``cases``, each corrected to the senior annotation (moved by the site's
+    ``convention``) in the scene."""
+    out = tmp_path / "export"
+    truth = site_truth(ceph_dir, convention)
     for case in cases:
         vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path, case))
         node = logic.detect(vol)
@@ -215,8 +228,9 @@ def test_finetune_from_exported_cases(ceph_dir, tmp_path, scene, logic):
 def test_a_fine_tune_from_the_adapted_model_ends_adapted_to_its_own_detections(ceph_dir, tmp_path, scene, logic):
     from MedSapiensLandmarksLib.logic import FinetuneJob
 
-    out, names = export_corrected(ceph_dir, tmp_path, scene, logic)
+    out, names = export_corrected(ceph_dir, tmp_path, scene, logic, convention=CONVENTION)
     adapted = logic.adapt_to_exports(out, "default", names)  # what every Export does
+    assert not adapted.withheld
     assert adapted.cases == 3
     assert adapted.scale == json.loads(adapted.card.read_text())["calibration"]["site_scale"] >= 1.0
     job = FinetuneJob(out, tmp_path / "model", init=str(adapted.card), coarse_epochs=1, refine_epochs=1)
@@ -224,6 +238,7 @@ def test_a_fine_tune_from_the_adapted_model_ends_adapted_to_its_own_detections(c
     assert result["returncode"] == 0 and result["site_layer_cases"] == 2  # the two training cases
     card = json.loads((tmp_path / "model" / "model.json").read_text())
     assert card["site_layer"]["cases"] == ["153", "154"] and card["site_layer"]["frame"] == "sn"
+    assert not card["site_layer"]["withheld"]  # the convention repeats in both cases
     assert "base" not in card  # its own graphs
     # the layer moves the new model's points by the offsets fitted on its own detections
     det = Detector.load(tmp_path / "model")
@@ -239,7 +254,7 @@ def test_a_fine_tune_from_the_adapted_model_ends_adapted_to_its_own_detections(c
 
     vol = load_volume(scene, ceph_as_nrrd(ceph_dir, tmp_path, "156"))
     node = logic.detect(vol, model=str(tmp_path / "model" / "model.json"))
-    truth = {c.case_id: c.xy for c in read_landmark_csv(ceph_dir / "test1_senior.csv")}["156"]
+    truth = site_truth(ceph_dir, CONVENTION)["156"]
     for i, (x, y) in enumerate(truth):
         node.SetNthControlPointPosition(i, *pixel_to_ras(vol, np.array([[x, y]]))[0])
     node.InvokeEvent(node.PointEndInteractionEvent)

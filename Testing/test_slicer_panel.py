@@ -106,13 +106,16 @@ def test_two_patients_keep_their_own_untouched_point_lists(ceph_dir, tmp_path):
         p.inputVolume = b
         panel.sync(p)
         _, status = panel.export(p)
-        assert status.endswith("adapted to 2 cases of this site")
+        # one case with a moved point, one without: no correction repeats, so nothing is moved
+        assert status.endswith("adapted to 2 cases of this site (no offsets applied yet: the corrections do not "
+                               "repeat from case to case)")
         card = json.loads(Path(p.model).read_text())
+        assert card["site_layer"]["withheld"] and card["site_layer"]["offsets"][3][0] != 0.0
         assert card["site_layer"]["cases"] == ["151", "152"]
         # the network's own confidence went through the node and the export: the site's
         # calibration is refitted from both cases
         assert card["calibration"]["site_cases"] == ["151", "152"] and card["calibration"]["site_points"] == 38
-        assert "the errors of 2 site cases after the layer" in card["site_layer"]["confidence"]
+        assert "the errors of 2 site cases with the layer withheld" in card["site_layer"]["confidence"]
         cases, _ = read_cases(tmp_path / "out")
         exported = {c.case_id: c.xy for c in cases}
         truth = {c.case_id: c.xy for c in read_landmark_csv(ceph_dir / "test1_senior.csv")}
@@ -418,4 +421,5 @@ def test_the_export_status_says_when_the_sites_errors_lowered_the_confidence(tmp
                                (1.0, 1, "the model is adapted to 1 case of this site")):
         assert adapted_text(SiteFit(tmp_path / "model.json", cases, scale)) == said
     assert adapted_text(SiteFit(tmp_path / "model.json", 3, 1.0, withheld=True)) == (
-        "the model is adapted to 3 cases of this site (they place the points as the model does: no offsets applied)")
+        "the model is adapted to 3 cases of this site (no offsets applied yet: the corrections do not repeat from "
+        "case to case)")

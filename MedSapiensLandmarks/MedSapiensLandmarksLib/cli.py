@@ -314,8 +314,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     size = np.linalg.norm(layer.offsets, axis=1)
     top = ", ".join(f"{det.names[i]} {size[i]:.3g}" for i in np.argsort(-size)[:3])
     unit = "|S-N|" if layer.frame == "sn" else "mm"
-    withheld = (" (withheld: each case adapted to the others lands farther from its corrected points "
-                "than the model's own, so no offsets are applied)" if layer.withheld else "")
+    withheld = (" (withheld: the corrections do not repeat from case to case; each case adapted to the "
+                "others lands farther from its corrected points than the model's own)" if layer.withheld else "")
     print(f"adapted {base} to {len(layer.cases)} cases of this site (frame {layer.frame}, shrink "
           f"{layer.shrink:g}); largest offsets ({unit}): {top}{withheld}; confidence: "
           f"{adapted.confidence_note()}; model written: {path}")

@@ -226,7 +226,7 @@ def adapted_text(adapted: Any) -> str:
     cases, scale = adapted.cases, adapted.scale
     text = f"the model is adapted to {cases} case{'' if cases == 1 else 's'} of this site"
     if adapted.withheld:
-        text += " (they place the points as the model does: no offsets applied)"
+        text += " (no offsets applied yet: the corrections do not repeat from case to case)"
     return text + (f"; confidence lowered to this site's errors (x{scale:.2f} wider)" if scale > 1.0 else "")
 
 
