@@ -423,3 +423,15 @@ def test_the_export_status_says_when_the_sites_errors_lowered_the_confidence(tmp
     assert adapted_text(SiteFit(tmp_path / "model.json", 3, 1.0, withheld=True)) == (
         "the model is adapted to 3 cases of this site (no offsets applied yet: the corrections do not repeat from "
         "case to case)")
+
+
+def test_the_finetune_outcome_says_when_the_check_could_not_tell_the_models_apart():
+    from MedSapiensLandmarksLib.panel import finetune_outcome
+
+    result = {"status": "accepted", "mre_before_mm": 1.50, "mre_after_mm": 1.53, "noise_mm": 0.08}
+    assert finetune_outcome(result) == ("question", "Fine-tuned model: MRE 1.53 mm on held-back cases (was 1.50 mm; "
+                                                    "the difference is within the check's noise of 0.08 mm). Use it?")
+    result = {**result, "status": "rejected", "mre_after_mm": 1.70}
+    assert finetune_outcome(result) == ("info", "The fine-tuned model was worse on held-back cases (MRE 1.70 vs "
+                                                "1.50 mm, more than the check's noise of 0.08 mm); the current model "
+                                                "is kept.")

@@ -187,3 +187,20 @@ def test_data_loader_processes_draw_their_own_patch_jitter_reproducibly(cases):
     first = targets()
     assert len(np.unique(first.round(4), axis=0)) == len(first) == 16  # 8 cases x 2 points
     assert np.array_equal(first, targets())
+
+
+def test_the_finetune_check_accepts_unless_worse_beyond_its_own_noise():
+    before = np.full((2, 4), 2.0)
+    # worse by 0.1 mm on average, paired differences 0.3, -0.1, 0.3, -0.1, ...: SD 0.2138, SE 0.0756
+    small = before + np.array([0.3, -0.1] * 4).reshape(2, 4)
+    check = training.check_finetune(before, small)
+    assert check["mre_after_mm"] == pytest.approx(2.1) and check["noise_mm"] == pytest.approx(0.2138 / np.sqrt(8),
+                                                                                              abs=1e-4)
+    assert not check["accepted"]  # 0.1 > 0.0756
+    noisy = before + np.array([0.5, -0.3] * 4).reshape(2, 4)  # the same mean, SE 0.1512
+    assert training.check_finetune(before, noisy)["accepted"]
+    assert training.check_finetune(before, before - 0.2)["accepted"]  # better: SE 0
+    missing = small.copy()
+    missing[0, 0] = np.nan  # a point marked missing is left out of both models' errors
+    check = training.check_finetune(before, missing)
+    assert check["mre_before_mm"] == 2.0 and check["mre_after_mm"] == pytest.approx(2.0 + 0.5 / 7)

@@ -218,7 +218,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .detector import Detector
     from .landmarks import CEPH_19, HAND_37, numbered
     from .markups import write_text
-    from .training import RECIPES, TrainConfig, fit, mean_radial_error, recipe
+    from .training import RECIPES, TrainConfig, check_finetune, fit, point_errors, recipe
 
     cases, names = read_training_cases(args)
     if not args.cases:
@@ -255,7 +255,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if init is not None and not same:
         print(f"--init model has {len(init.names)} landmarks, the cases {len(names)}: "
               f"transferring all but the output layers", flush=True)
-    before = mean_radial_error(init, val) if same and val else None
+    before = point_errors(init, val) if same and val else None
     anatomy = {19: "a lateral cephalogram", 37: "a hand radiograph"}.get(len(names))
     card = {"name": args.name or Path(args.output).name, **({"anatomy": anatomy} if anatomy else {}),
             "dataset": {"source": str(args.csv or args.cases), "train": len(cases), "val": len(val)}}
@@ -270,9 +270,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         layer = refit_own_layer(path, cases, init.card["site_layer"])
         adapted = {"site_layer_cases": len(layer.cases)}
     if before is not None:
-        after = mean_radial_error(Detector.load(path, device="cpu", backend="torch"), val)
-        report = {"val_cases": len(val), "mre_before_mm": before, "mre_after_mm": after,
-                  "accepted": after <= before, **adapted}
+        after = point_errors(Detector.load(path, device="cpu", backend="torch"), val)
+        report = {"val_cases": len(val), **check_finetune(before, after), **adapted}
     elif init is not None:  # why the new model could not be compared with the old one
         reason = (f"the cases have {len(names)} landmarks and the model {len(init.names)}: "
                   f"the two cannot be compared" if not same else

@@ -250,12 +250,14 @@ def finetune_outcome(result: dict[str, Any], ask: bool = True) -> tuple[str, str
     if status == "failed":
         return "error", "Fine-tuning failed:\n" + "\n".join(result["log_tail"])
     if status == "rejected":
-        return "info", (f"The fine-tuned model was not better on held-back cases (MRE "
-                        f"{result['mre_after_mm']:.2f} vs {result['mre_before_mm']:.2f} mm); the current "
-                        f"model is kept.")
+        return "info", (f"The fine-tuned model was worse on held-back cases (MRE "
+                        f"{result['mre_after_mm']:.2f} vs {result['mre_before_mm']:.2f} mm, more than the "
+                        f"check's noise of {result.get('noise_mm', 0.0):.2f} mm); the current model is kept.")
     if status == "accepted":
+        within = result["mre_after_mm"] > result["mre_before_mm"]
+        noise = (f"; the difference is within the check's noise of {result['noise_mm']:.2f} mm" if within else "")
         text, question = (f"Fine-tuned model: MRE {result['mre_after_mm']:.2f} mm on held-back cases "
-                          f"(was {result['mre_before_mm']:.2f} mm)."), "Use it?"
+                          f"(was {result['mre_before_mm']:.2f} mm{noise})."), "Use it?"
     elif status == "unvalidated":
         reason = result.get("reason") or "no case could be held back for a check"
         text, question = f"The fine-tuned model could not be checked: {reason}.", "Use it anyway?"

@@ -333,12 +333,29 @@ def seed_everything(seed: int, data: Any = None) -> None:
         data.rng = np.random.default_rng(seed)
 
 
-def mean_radial_error(det: Any, cases: Sequence[Case], images: Sequence[Any] | None = None) -> float:
-    """MRE in mm (pixel spacing of each image) of a detector on annotated cases."""
+def point_errors(det: Any, cases: Sequence[Case], images: Sequence[Any] | None = None) -> np.ndarray:
+    """(N, K) radial errors in mm (pixel spacing of each image) of a detector on annotated cases."""
     images = images if images is not None else [read_image(c.image, spacing=c.spacing) for c in cases]
     pred = np.stack([lm.xy for lm in det.detect_batch(images)])
     truth = np.stack([c.xy for c in cases])
-    return float(np.nanmean(radial_errors(pred, truth, np.array([im.spacing[0] for im in images]))))
+    return radial_errors(pred, truth, np.array([im.spacing[0] for im in images]))
+
+
+def mean_radial_error(det: Any, cases: Sequence[Case], images: Sequence[Any] | None = None) -> float:
+    """MRE in mm of a detector on annotated cases."""
+    return float(np.nanmean(point_errors(det, cases, images)))
+
+
+def check_finetune(before: np.ndarray, after: np.ndarray) -> dict[str, Any]:
+    """The Fine-tune check on held-back cases from the old and new model's point errors: accepted
+    unless the new one is worse by more than the standard error of the paired difference (a
+    handful of held-back cases cannot tell a small gain from noise: docs/benchmarks.md, round 8)."""
+    ok = np.isfinite(before) & np.isfinite(after)
+    diff = (after - before)[ok]
+    noise = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else 0.0
+    mre_before, mre_after = float(before[ok].mean()), float(after[ok].mean())
+    return {"mre_before_mm": mre_before, "mre_after_mm": mre_after, "noise_mm": noise,
+            "accepted": mre_after <= mre_before + noise}
 
 
 def net_specs(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
