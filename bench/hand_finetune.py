@@ -22,12 +22,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "MedSapiensLandmarks"))
 from MedSapiensLandmarksLib.datasets import read_landmark_csv  # noqa: E402
-from MedSapiensLandmarksLib.detector import Detector  # noqa: E402
 from MedSapiensLandmarksLib.metrics import hand_scale  # noqa: E402
 
 from proxy_site import simulate, to_new_pixels  # noqa: E402
-from site_adaptation import layered
-from site_finetune import finetune, predictions  # noqa: E402
+from site_finetune import finetune_table, predictions  # noqa: E402
 
 SIZES = (3, 5, 10)
 
@@ -60,22 +58,10 @@ def main(dha: Path, out: Path, model: str = "hand-dha") -> dict:
     table = build(dha, out)
     cases = read_landmark_csv(table, out / "images")
     truth = np.stack([c.xy for c in cases])
-    ids = [c.case_id for c in cases]
     base = predictions(model, cases, None, out / f"pred-{model}.npy")
-    names = Detector.load(model).names
-    sp = (1.0, 1.0)
-    result = {"model": model, "hands": len(cases), "zero_shot_all_mm": mre(base, truth)}
-    for n in SIZES:
-        folder, report = finetune(table, out / "images", out, model, ids[:n], None)
-        tuned = predictions(folder, cases, None, folder / "pred.npy")
-        rows = {"fine-tune": {k: report.get(k) for k in ("accepted", "mre_before_mm", "mre_after_mm", "wall_s")},
-                "zero-shot": mre(base[n:], truth[n:]),
-                "layer only": mre(layered(base, truth, n, sp, names), truth[n:]),
-                "fine-tune only": mre(tuned[n:], truth[n:]),
-                "fine-tune, then the layer": mre(layered(tuned, truth, n, sp, names), truth[n:])}
-        result[f"first_{n}"] = rows
-        print(json.dumps({n: rows}), flush=True)
-    return result
+    return {"model": model, "hands": len(cases), "zero_shot_all_mm": mre(base, truth),
+            **finetune_table(table, out / "images", out, model, cases, base, truth, None, SIZES,
+                             lambda pred, n: mre(pred, truth[n:]))}
 
 
 if __name__ == "__main__":

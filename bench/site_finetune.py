@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -54,6 +55,24 @@ def predictions(model: str | Path, cases, spacing: float | None, cache: Path) ->
     return np.load(cache)
 
 
+def finetune_table(csv: Path, images: Path, out: Path, model: str, cases, base: np.ndarray, truth: np.ndarray,
+                   spacing: float | None, sizes: tuple[int, ...], score: Callable[[np.ndarray, int], object]) -> dict:
+    """For each N of ``sizes``, the first N cases as the corrected ones: the rows, each scored on
+    the other cases by ``score(points of cases[N:], N)``."""
+    sp, names = (spacing or 1.0, spacing or 1.0), Detector.load(model).names
+    keys = ("accepted", "mre_before_mm", "mre_after_mm", "noise_mm", "wall_s")
+    result = {}
+    for n in sizes:
+        folder, report = finetune(csv, images, out, model, [c.case_id for c in cases[:n]], spacing)
+        tuned = predictions(folder, cases, spacing, folder / "pred.npy")
+        rows = {"fine-tune": {k: report.get(k) for k in keys}, "zero-shot": score(base[n:], n),
+                "layer only": score(layered(base, truth, n, sp, names), n), "fine-tune only": score(tuned[n:], n),
+                "fine-tune, then the layer": score(layered(tuned, truth, n, sp, names), n)}
+        result[f"first_{n}"] = rows
+        print(json.dumps({n: rows}), flush=True)
+    return result
+
+
 def main(isbi: Path, proxy: Path, out: Path, model: str = "default") -> dict:
     cases = read_landmark_csv(proxy / "junior.csv", proxy / "images")
     junior = np.stack([c.xy for c in cases])
@@ -61,21 +80,9 @@ def main(isbi: Path, proxy: Path, out: Path, model: str = "default") -> dict:
     senior = np.stack([by_id[c.case_id] for c in cases])
     ids = [c.case_id for c in cases]
     base = detections(proxy, model, cases)
-    names = Detector.load(model).names
-    sp = (SPACING_OUT, SPACING_OUT)
     out.mkdir(parents=True, exist_ok=True)
-    result = {}
-    for n in SIZES:
-        folder, report = finetune(proxy / "junior.csv", proxy / "images", out, model, ids[:n], SPACING_OUT)
-        tuned = predictions(folder, cases, SPACING_OUT, folder / "pred.npy")
-        rows = {"fine-tune": {k: report.get(k) for k in ("accepted", "mre_before_mm", "mre_after_mm", "wall_s")}}
-        for name, pred in (("layer only", base), ("fine-tune, then the layer", tuned)):
-            rows[name] = both(layered(pred, junior, n, sp, names), junior[n:], senior[n:], ids[n:])
-        rows["fine-tune only"] = both(tuned[n:], junior[n:], senior[n:], ids[n:])
-        rows["zero-shot"] = both(base[n:], junior[n:], senior[n:], ids[n:])
-        result[f"first_{n}"] = rows
-        print(json.dumps({n: rows}), flush=True)
-    return result
+    return finetune_table(proxy / "junior.csv", proxy / "images", out, model, cases, base, junior, SPACING_OUT, SIZES,
+                          lambda pred, n: both(pred, junior[n:], senior[n:], ids[n:]))
 
 
 if __name__ == "__main__":
