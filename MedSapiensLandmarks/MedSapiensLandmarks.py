@@ -16,7 +16,8 @@ import qt
 import slicer
 import vtk
 from MedSapiensLandmarksLib.errors import CheckpointError
-from MedSapiensLandmarksLib.panel import ANATOMY_OWN, DEFAULTS, PanelController, finetune_outcome, model_choices
+from MedSapiensLandmarksLib.panel import (ANATOMY_OWN, DEFAULTS, PanelController, detected_text, finetune_outcome,
+                                         model_choices)
 from slicer import (vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsLineNode, vtkMRMLScalarVolumeNode,
                     vtkMRMLVectorVolumeNode)
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
@@ -235,7 +236,7 @@ class MedSapiensLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.ui.statusLabel.text = "Detecting..."
             slicer.app.processEvents()
             node = self.panel.detect(p)
-            self.ui.statusLabel.text = f"{node.GetNumberOfControlPoints()} landmarks; drag to correct."
+            self.ui.statusLabel.text = detected_text(node)
             self._updateGui()
 
     def onSetSpacing(self) -> None:

@@ -435,3 +435,31 @@ def test_the_finetune_outcome_says_when_the_check_could_not_tell_the_models_apar
     assert finetune_outcome(result) == ("info", "The fine-tuned model was worse on held-back cases (MRE 1.70 vs "
                                                 "1.50 mm, more than the check's noise of 0.08 mm); the current model "
                                                 "is kept.")
+
+
+def test_detect_says_which_landmark_the_shape_check_looked_at_again(hand_dir, tmp_path):
+    import SimpleITK as sitk
+    from PIL import Image
+    from MedSapiensLandmarksLib.panel import detected_text
+    from test_plausibility import exposure_changed_hand
+    from test_slicer_logic import pixel_to_ras
+
+    case = exposure_changed_hand(hand_dir, tmp_path / "3301.png")
+    itk = sitk.GetImageFromArray(np.asarray(Image.open(tmp_path / "3301.png"))[None])
+    itk.SetSpacing((0.1, 0.1, 1.0))
+    sitk.WriteImage(itk, str(tmp_path / "3301.nrrd"))
+    scene = new_scene()[0]
+    with reference_slicer(VERSIONS[-1], scene) as module:
+        p = module.MedSapiensLandmarksLogic().getParameterNode()
+        panel = PanelController(LandmarksLogic(scene))
+        p.inputVolume = load_volume(scene, tmp_path / "3301.nrrd")
+        p.model = "hand-dha"
+        panel.sync(p)
+        node = panel.detect(p)
+        names = json.loads(node.GetAttribute("MedSapiens.Plausibility"))["rechecked"]
+        assert len(names) == 1
+        assert detected_text(node) == (f"37 landmarks; drag to correct. {names[0]}: looked at again where the "
+                                       "other landmarks put it (far from there at first); check it.")
+        k = [node.GetNthControlPointLabel(i) for i in range(37)].index(names[0])
+        truth = pixel_to_ras(p.inputVolume, case.xy[k:k + 1])[0]
+        assert np.linalg.norm(np.array(node.GetNthControlPointPosition(k)) - truth) < 3.0  # mm

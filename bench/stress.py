@@ -1,12 +1,14 @@
 """Stress table: MRE of models on cephalograms changed as another site's would be.
 
-    python bench/stress.py CSV IDS MODEL [MODEL ...] [--parts] [--split S]   (IDS: comma list, or "all")
+    python bench/stress.py CSV IDS MODEL [MODEL ...] [--parts] [--split S] [--no-recheck]
+    (IDS: comma list, or "all")
 
 Changes (each alone): pixel size 0.13 mm (the image resampled, spacing set to match), a 12 %
 collimation border, gamma 0.6 and 1.6, contrast halved, Gaussian noise (sigma 12 grey levels),
 JPEG quality 20, a burned-in text block and ruler. ``--parts``: instead, each part of the proxy
 site's scanner change (bench/proxy_site.py) alone, then all of them. Prints a markdown table (MRE
 in mm). A hand CSV (37 landmarks; ``--split valid``) is scored in mm by the 50 mm wrist width.
+``--no-recheck``: also a column per model without the shape re-check of gross errors.
 """
 from __future__ import annotations
 
@@ -77,14 +79,17 @@ def proxy_parts(g: np.ndarray, seed: int) -> dict:
 
 
 def main(csv_path: str, ids: str, *models: str) -> None:
-    parts = "--parts" in models
+    parts, plain = "--parts" in models, "--no-recheck" in models
     split = next((models[i + 1] for i, m in enumerate(models) if m == "--split"), None)
-    models = tuple(m for m in models if m not in ("--parts", "--split", split))
+    models = tuple(m for m in models if m not in ("--parts", "--no-recheck", "--split", split))
     cases = [c for c in read_landmark_csv(csv_path, spacing=0.1) if split is None or c.split == split]
     if ids != "all":
         wanted = ids.split(",")
         cases = [c for c in cases if c.case_id in wanted]
     dets = {m: Detector.load(m) for m in models}
+    if plain:
+        dets.update({f"{m} (no re-check)": Detector(dets[m].card, dets[m].backend, recheck=False) for m in models})
+        models = tuple(dets)
     errors: dict[tuple[str, str], list[float]] = {}
     for case in cases:
         g = read_image(case.image, spacing=0.1).pixels

@@ -133,6 +133,9 @@ def detect_files(det: Any, paths: Sequence[Path], out_dir: Path, formats: Sequen
             verdict = lm.meta.get("plausibility")
             if verdict and not verdict["plausible"]:
                 say(f"warning: {path}: {verdict['warning']}", True)
+            if verdict and verdict.get("rechecked"):
+                say(f"note: {path}: {', '.join(verdict['rechecked'])} looked at again where the other landmarks "
+                    f"put them (far from there at first): check them", True)
             if not image.spacing_known and read_kwargs.get("spacing") is None:
                 say(f"warning: {path}: the file has no pixel spacing; positions use 1 mm/pixel "
                     f"(give --spacing)", True)

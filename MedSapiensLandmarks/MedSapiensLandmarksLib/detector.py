@@ -18,7 +18,7 @@ from .calibration import error_model
 from .codec import Box, decode_heatmaps, softmax_heatmaps, to_gray, to_uint8_range, warp
 from .imageio import Radiograph
 from .landmarks import Landmarks
-from .shape import ShapeModel, verdict, warning_text
+from .shape import ShapeModel, recheck, verdict, warning_text
 
 LOCAL_STAGES = ("context", "refine")  # optional patch stages, run in this order after coarse
 
@@ -28,8 +28,9 @@ class Detector:
     (``context``: a wide patch around each coarse guess, ``refine``: a small full-resolution one).
     """
 
-    def __init__(self, card: dict[str, Any], backend: Backend) -> None:
+    def __init__(self, card: dict[str, Any], backend: Backend, recheck: bool = True) -> None:
         self.card = card
+        self.recheck = recheck  # re-look at points the others put elsewhere (needs a shape model)
         self.backend = backend
         self.names = [lm["name"] for lm in card["landmarks"]]
         self.descriptions = [lm.get("description", lm["name"]) for lm in card["landmarks"]]
@@ -130,13 +131,16 @@ class Detector:
         results = []
         for i, (image, gray, box) in enumerate(zip(images, grays, boxes)):
             xy, c = box.from_grid(uv[i], hm_wh), conf[i]
-            for stage in self.local_stages:
-                for _ in range(self.card[stage].get("iterations", 1)):
-                    xy, c = self._refine(stage, gray, box, xy, bool(mirrored[i]))
+            xy, c = self._local(gray, box, xy, c, bool(mirrored[i]))
+            moved: list[int] = []
+            if self.shape is not None and self.recheck and self.local_stages:
+                xy, c, moved = recheck(self.shape, xy, c, lambda k, start, g=gray, b=box, m=bool(mirrored[i]):
+                                       self._relook(g, b, k, start, m))
             meta = {"model": self.card.get("name", ""), "image": image.path,
                     "raw_confidence": c.astype(np.float64), "error_model": error_model(self.card.get("calibration"))}
             if self.shape is not None:
                 meta["plausibility"] = verdict(self.shape, xy, c).to_json()
+                meta["plausibility"]["rechecked"] = [self.names[k] for k in moved]
                 if not meta["plausibility"]["plausible"]:
                     meta["plausibility"]["warning"] = warning_text(self.card, meta["plausibility"])
                 meta["shape_deviation"] = self.shape.point_deviation(xy)[0]
@@ -157,17 +161,33 @@ class Detector:
     def local_stages(self) -> list[str]:
         return [s for s in LOCAL_STAGES if s in self.backend.stages]
 
-    def _refine(self, stage: str, gray: np.ndarray, box: Box, xy: np.ndarray, mirrored: bool = False
-                ) -> tuple[np.ndarray, np.ndarray]:
-        """Another look at each landmark in a patch (native resolution) around its current guess."""
+    def _local(self, gray: np.ndarray, box: Box, xy: np.ndarray, conf: np.ndarray, mirrored: bool,
+               which: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The local stages in turn (each as often as its card says) from ``xy`` (``_refine``)."""
+        for stage in self.local_stages:
+            for _ in range(self.card[stage].get("iterations", 1)):
+                xy, conf = self._refine(stage, gray, box, xy, mirrored, which)
+        return xy, conf
+
+    def _relook(self, gray: np.ndarray, box: Box, k: int, start: np.ndarray, mirrored: bool
+                ) -> tuple[np.ndarray, float]:
+        """Landmark ``k`` through the local stages again, from ``start`` (the shape re-check)."""
+        xy, c = self._local(gray, box, np.asarray(start, dtype=np.float64)[None], np.zeros(1), mirrored, [k])
+        return xy[0], float(c[0])
+
+    def _refine(self, stage: str, gray: np.ndarray, box: Box, xy: np.ndarray, mirrored: bool = False,
+                which: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Another look at each landmark in a patch (native resolution) around its current guess;
+        ``which``: the landmark indices of the rows of ``xy`` (default: every landmark in order)."""
         spec = self.card[stage]["input"]
         ph, pw = spec["size"]
         frac = spec["box_fraction"]
         patches = [Box(float(x), float(y), box.sh * frac * pw / ph, box.sh * frac) for x, y in xy]
         x = self._to_input([warp(gray, p, (pw, ph), spec.get("antialias", False)) for p in patches], spec)
         hm, conf = self._heatmaps(stage, np.ascontiguousarray(x[..., ::-1]) if mirrored else x)
-        k = np.arange(len(patches))
-        hm_k, conf_k = hm[k, k][:, None], conf[k, k]
+        rows = np.arange(len(patches))
+        k = rows if which is None else np.asarray(which)
+        hm_k, conf_k = hm[rows, k][:, None], conf[rows, k]
         uv, _ = decode_heatmaps(hm_k)
         hm_wh = (hm.shape[-1], hm.shape[-2])
         if mirrored:

@@ -320,6 +320,17 @@ def plausibility_warning(node: Any) -> str:
     return json.loads(text).get("warning", "") if text else ""
 
 
+def rechecked_note(node: Any) -> str:
+    """What a detection's shape re-check moved, for the status line ("" when it moved nothing)."""
+    text = node.GetAttribute(ATTR_PLAUSIBILITY) if node is not None else None
+    names = json.loads(text).get("rechecked", []) if text else []
+    if not names:
+        return ""
+    one = len(names) == 1
+    return (f" {', '.join(names)}: looked at again where the other landmarks put {'it' if one else 'them'}"
+            f" (far from there at first); check {'it' if one else 'them'}.")
+
+
 def update_tracing(scene: Any, node: Any, lines: dict[str, tuple[str, str]], visible: bool) -> list[Any]:
     """Locked line nodes between named points of ``node`` (created once, then moved with the
     points), shown or hidden; returns them. Lines whose points the node lacks are skipped."""

@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 from .logic import LandmarksLogic
 from .markups import LOW_CONFIDENCE
-from .mrml import (apply_dicom_spacing, owner_volume, plausibility_warning, ruler_spacing, set_volume_spacing,
-                   spacing_text, table_rows, volume_landmarks)
+from .mrml import (apply_dicom_spacing, owner_volume, plausibility_warning, rechecked_note, ruler_spacing,
+                   set_volume_spacing, spacing_text, table_rows, volume_landmarks)
 
 ANATOMY_OWN = "checkpoint's own"  # the anatomy choice that keeps an official checkpoint's own set
 DEFAULT_EXPORT_FOLDER = Path.home() / "MedSapiensLandmarks" / "cases"
@@ -219,6 +219,11 @@ def model_choices() -> list[tuple[str, str]]:
         default = " (default)" if name == ALIASES["default"] else ""
         choices.append((name, f"{name}{default}: {where}"))
     return choices
+
+
+def detected_text(node: Any) -> str:
+    """The status line after Detect."""
+    return f"{node.GetNumberOfControlPoints()} landmarks; drag to correct.{rechecked_note(node)}"
 
 
 def adapted_text(adapted: Any) -> str:

@@ -12,7 +12,7 @@ says where the others put it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -23,6 +23,11 @@ MIN_SHAPES = 10  # fewer training shapes: no shape model (a fine-tune on a handf
 # 141-150 against hands, crops and noise; docs/reliability.md has the rates).
 SCORE_MARGIN = 1.5
 CONFIDENCE_MARGIN = 0.5
+# The re-check of gross errors (`recheck`; chosen on DHA valid hands and ISBI 141-150 under the
+# stress changes: docs/benchmarks.md, round 9): a point this far (shape deviation) from where
+# the other points put it is looked at again, for at most this share of an image's points.
+RECHECK_DEVIATION = 8.0
+RECHECK_SHARE = 0.25
 
 
 def procrustes(x: np.ndarray, ref: np.ndarray, use: np.ndarray | None = None
@@ -113,34 +118,79 @@ class ShapeModel:
         n = len(self.reference)
         return float((1 + n - np.searchsorted(self.reference, score)) / (n + 1))
 
+    def _condition(self, k: int, use: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Regression of point k's 2 coordinates on those of the points in ``use`` (mask without
+        k), their coordinate index, and the inverse conditional covariance."""
+        own = np.array([2 * k, 2 * k + 1])
+        rest = np.flatnonzero(np.repeat(use, 2))
+        gain = self.cov[np.ix_(own, rest)] @ np.linalg.inv(self.cov[np.ix_(rest, rest)])
+        cond = self.cov[np.ix_(own, own)] - gain @ self.cov[np.ix_(rest, own)]
+        return gain, rest, np.linalg.inv(cond)
+
     def _conditional(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Per point k: (regression of its 2 coordinates on the others, the others' index,
-        inverse conditional covariance)."""
+        """`_condition` of each point on all the others (cached)."""
         if self._conditionals is None:
-            out = []
-            for k in range(self.ref.shape[0]):
-                own = np.array([2 * k, 2 * k + 1])
-                rest = np.setdiff1d(np.arange(self.mu.size), own)
-                gain = self.cov[np.ix_(own, rest)] @ np.linalg.inv(self.cov[np.ix_(rest, rest)])
-                cond = self.cov[np.ix_(own, own)] - gain @ self.cov[np.ix_(rest, own)]
-                out.append((gain, rest, np.linalg.inv(cond)))
-            self._conditionals = out
+            n = self.ref.shape[0]
+            self._conditionals = [self._condition(k, np.arange(n) != k) for k in range(n)]
         return self._conditionals
+
+    def deviation(self, xy: np.ndarray, k: int, use: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+        """Mahalanobis distance of point k from where the points in ``use`` (mask; default: all
+        the others) put it, the shape aligned on them alone; and that position in the input's pixels."""
+        xy = np.asarray(xy, dtype=np.float64)
+        others = np.arange(len(xy)) != k
+        use = others if use is None else np.asarray(use, dtype=bool) & others
+        gain, rest, inv = self._conditional()[k] if use[others].all() else self._condition(k, use)
+        s, r, t = procrustes(xy, self.ref, use=use)
+        v = (s * xy @ r + t).ravel()
+        pred = self.mu[2 * k:2 * k + 2] + gain @ (v[rest] - self.mu[rest])
+        d = v[2 * k:2 * k + 2] - pred
+        return float(np.sqrt(d @ inv @ d)), (pred - t) @ r.T / s
 
     def point_deviation(self, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per point: Mahalanobis distance from where the other points put it (the shape aligned
         without it), and that expected position in the input's pixels."""
         xy = np.asarray(xy, dtype=np.float64)
-        k_all = np.arange(len(xy))
         z, expected = np.zeros(len(xy)), np.zeros_like(xy)
-        for k, (gain, rest, inv) in enumerate(self._conditional()):
-            s, r, t = procrustes(xy, self.ref, use=k_all != k)
-            v = (s * xy @ r + t).ravel()
-            pred = self.mu[2 * k:2 * k + 2] + gain @ (v[rest] - self.mu[rest])
-            d = v[2 * k:2 * k + 2] - pred
-            z[k] = float(np.sqrt(d @ inv @ d))
-            expected[k] = (pred - t) @ r.T / s
+        for k in range(len(xy)):
+            z[k], expected[k] = self.deviation(xy, k)
         return z, expected
+
+
+def recheck(model: ShapeModel, xy: np.ndarray, confidence: np.ndarray,
+            relook: Callable[[int, np.ndarray], tuple[np.ndarray, float]],
+            limit: float = RECHECK_DEVIATION, share: float = RECHECK_SHARE
+            ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Gross-error repair. Suspects are found worst first: the point farthest (shape deviation)
+    from where the points not yet suspected put it, while that is above ``limit``, for at most
+    ``share`` of the points (at least one). Each suspect is then judged by the unsuspected
+    points: cleared if they accept it as it is, else looked at again from where they put it
+    (``relook(k, start) -> (point, confidence)``), the new point kept only if they accept it
+    and the network is at least as sure of it as of the old one. Returns the points, their
+    confidences and the indices of the points moved."""
+    xy, conf = np.array(xy, dtype=np.float64), np.array(confidence, dtype=np.float64)
+    suspect = np.zeros(len(xy), dtype=bool)
+    order: list[int] = []
+    for _ in range(max(1, int(share * len(xy)))):
+        z = {int(k): model.deviation(xy, k, ~suspect)[0] for k in np.flatnonzero(~suspect)}
+        k = max(z, key=z.__getitem__)
+        if z[k] <= limit:
+            break
+        suspect[k] = True
+        order.append(k)
+    moved: list[int] = []
+    for k in order:
+        z, start = model.deviation(xy, k, ~suspect)
+        if z > limit:
+            point, c = relook(k, start)
+            trial = xy.copy()
+            trial[k] = point
+            if c < conf[k] or model.deviation(trial, k, ~suspect)[0] > limit:
+                continue
+            xy, conf[k] = trial, c
+            moved.append(k)
+        suspect[k] = False
+    return xy, conf, moved
 
 
 @dataclass

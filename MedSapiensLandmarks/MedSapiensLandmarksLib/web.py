@@ -30,7 +30,7 @@ from .imageio import ImageError, Radiograph, SliceNeeded, read_image
 from .inputs import IMAGE_SUFFIXES
 from .logic import FinetuneJob, LandmarksLogic
 from .cephalometry import cells
-from .mrml import ATTR_SPACING, ijk_to_ras, plausibility_warning, spacing_text, table_rows
+from .mrml import ATTR_SPACING, ijk_to_ras, plausibility_warning, rechecked_note, spacing_text, table_rows
 from .panel import PanelController, adapted_text, finetune_outcome, model_choices
 
 _SAFE_NAME = re.compile(r"[^\W_][\w .()+-]{0,150}")  # letters of any script, no separators
@@ -245,7 +245,7 @@ class LandmarksWebApp:
         if new:  # re-detection reuses the node: one observer per node
             self.markups.AddObserver(self.markups.PointEndInteractionEvent, lambda *_: self.refresh())
         self.refresh()
-        self.server.state.status = f"{self.markups.GetNumberOfControlPoints()} landmarks detected"
+        self.server.state.status = f"{self.markups.GetNumberOfControlPoints()} landmarks detected.{rechecked_note(self.markups)}"
 
     def _params(self) -> SimpleNamespace:
         """The page's state in the shape `PanelController` reads (the Slicer parameter node's)."""
