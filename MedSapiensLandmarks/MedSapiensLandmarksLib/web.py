@@ -245,7 +245,8 @@ class LandmarksWebApp:
         if new:  # re-detection reuses the node: one observer per node
             self.markups.AddObserver(self.markups.PointEndInteractionEvent, lambda *_: self.refresh())
         self.refresh()
-        self.server.state.status = f"{self.markups.GetNumberOfControlPoints()} landmarks detected.{rechecked_note(self.markups)}"
+        n = self.markups.GetNumberOfControlPoints()
+        self.server.state.status = f"{n} landmarks detected.{rechecked_note(self.markups)}"
 
     def _params(self) -> SimpleNamespace:
         """The page's state in the shape `PanelController` reads (the Slicer parameter node's)."""
