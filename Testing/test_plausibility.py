@@ -104,6 +104,26 @@ def test_recheck_leaves_plausible_points_and_caps_the_points_it_tries(ceph_shape
     np.testing.assert_allclose(xy, truth)
 
 
+def test_recheck_keeps_three_points_to_judge_by_on_a_small_landmark_set():
+    rng = np.random.default_rng(3)
+    square = np.array([[0.0, 0.0], [10.0, 0.0], [10.0, 10.0], [0.0, 10.0]])
+    model = ShapeModel.fit(square + rng.normal(0, 0.3, (30, 4, 2)))
+    bad = square.copy()
+    bad[2] += [40.0, 40.0]
+    tried = []
+    xy, _, moved = recheck(model, bad, np.ones(4), lambda k, s: (tried.append(k), (square[k], 1.0))[1], share=1.0)
+    assert tried == [2] and moved == [2]  # one suspect at most: three points stay to judge it
+    np.testing.assert_allclose(xy, square)
+    triangle = ShapeModel.fit(square[:3] + rng.normal(0, 0.3, (30, 3, 2)))
+
+    def never(k, start):
+        raise AssertionError("three points cannot judge one another")
+
+    xy, _, moved = recheck(triangle, bad[:3], np.ones(3), never, share=1.0)
+    assert moved == [] and np.array_equal(xy, bad[:3])
+    assert triangle.deviation(bad[:3], 0, np.array([True, False, False]))[0] == float("inf")  # nothing to align on
+
+
 def exposure_changed_hand(hand_dir, path):
     """DHA valid hand 3301 through the proxy site's exposure curve (gamma 0.8, contrast x0.9,
     +12), as a PNG: hand-dha loses one landmark by about 90 mm on it (docs/benchmarks.md, round 9)."""
@@ -117,7 +137,7 @@ def test_hand_model_recovers_the_landmark_it_loses_to_an_exposure_change(hand_di
     case = exposure_changed_hand(hand_dir, tmp_path / "3301.png")
     image = read_image(tmp_path / "3301.png", spacing=0.1)
     det = Detector.load("hand-dha")
-    plain = Detector(det.card, det.backend, recheck=False)
+    plain = Detector.load("hand-dha", recheck=False)
     before, after = plain.detect(image), det.detect(image)
     err_before = np.linalg.norm(before.xy - case.xy, axis=1)
     err_after = np.linalg.norm(after.xy - case.xy, axis=1)
@@ -131,8 +151,8 @@ def test_hand_model_recovers_the_landmark_it_loses_to_an_exposure_change(hand_di
     assert main(["detect", str(tmp_path / "3301.png"), "--model", "hand-dha", "--spacing", "0.1",
                  "-o", str(tmp_path / "out"), "-q"]) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
-    assert notes == [f"note: {tmp_path / '3301.png'}: {det.names[k]} looked at again where the other landmarks "
-                     "put them (far from there at first): check them"]
+    assert notes == [f"note: {tmp_path / '3301.png'}: {det.names[k]}: looked at again where the other landmarks "
+                     "put it (far from there at first); check it"]
     doc = json.loads((tmp_path / "out" / "3301.mrk.json").read_text())["markups"][0]
     assert doc["medsapiens"]["plausibility"]["rechecked"] == [det.names[k]]
     np.testing.assert_allclose(doc["medsapiens"]["pixels"], after.xy, atol=1e-6)

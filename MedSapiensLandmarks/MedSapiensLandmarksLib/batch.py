@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .imageio import ImageError, Radiograph, read_image
+from .shape import rechecked_text
 
 
 @dataclass
@@ -134,8 +135,7 @@ def detect_files(det: Any, paths: Sequence[Path], out_dir: Path, formats: Sequen
             if verdict and not verdict["plausible"]:
                 say(f"warning: {path}: {verdict['warning']}", True)
             if verdict and verdict.get("rechecked"):
-                say(f"note: {path}: {', '.join(verdict['rechecked'])} looked at again where the other landmarks "
-                    f"put them (far from there at first): check them", True)
+                say(f"note: {path}: {rechecked_text(verdict['rechecked'])}", True)
             if not image.spacing_known and read_kwargs.get("spacing") is None:
                 say(f"warning: {path}: the file has no pixel spacing; positions use 1 mm/pixel "
                     f"(give --spacing)", True)

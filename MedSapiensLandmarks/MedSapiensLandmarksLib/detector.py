@@ -42,16 +42,18 @@ class Detector:
 
     @classmethod
     def load(cls, model: str | Path = "default", device: str | None = None,
-             threads: int | None = None, backend: str | None = None, **options: Any) -> "Detector":
+             threads: int | None = None, backend: str | None = None, recheck: bool = True,
+             **options: Any) -> "Detector":
         """Load ``"default"``, a shipped model name, a model card / folder, or an official .pth.
 
         ``backend``: "onnx" or "torch" (default: ONNX Runtime for ONNX models on the CPU, torch
-        otherwise); ``options`` go to the official-checkpoint loader (pretrain, anatomy, flip).
+        otherwise); ``recheck``: the shape re-check of gross errors (`shape.recheck`);
+        ``options`` go to the official-checkpoint loader (pretrain, anatomy, flip).
         """
         from .loading import load_model
 
         card, be = load_model(model, device=device, threads=threads, backend=backend, **options)
-        return cls(card, be)
+        return cls(card, be, recheck)
 
     @property
     def nets(self) -> dict[str, Any]:

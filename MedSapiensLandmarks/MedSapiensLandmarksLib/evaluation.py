@@ -138,6 +138,8 @@ def card_entries(det: Any, train_xy: np.ndarray | None, val_cases: Sequence[Case
     confidence calibration (hands: millimetres by the 50 mm wrist normalisation) and, given
     ``train_xy`` (the training annotations), the shape model with its verdict limits."""
     images = [read_image(c.image, spacing=c.spacing) for c in val_cases]
+    # as a fresh fit sees them (its shape model does not exist yet): without the shape re-check
+    det = type(det)(det.card, det.backend, recheck=False)
     ev = evaluate(det, val_cases, np.stack([c.xy for c in val_cases]), hand=hand, images=images)
     cal = calibrate(ev.raw_confidence, ev.errors, cases=[c.case_id for c in val_cases])
     if hand:

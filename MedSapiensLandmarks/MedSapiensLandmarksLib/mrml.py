@@ -21,6 +21,7 @@ from .imageio import (DICOM_SPACING_TAGS, PLAIN_FORMATS, Radiograph, check_spaci
                       slice_volume)
 from .landmarks import Landmarks
 from .markups import LOW_CONFIDENCE, describe
+from .shape import rechecked_text
 
 ATTR_DETECTED = "MedSapiens.DetectedRAS"
 ATTR_CORRECTED = "MedSapiens.Corrected"
@@ -323,12 +324,8 @@ def plausibility_warning(node: Any) -> str:
 def rechecked_note(node: Any) -> str:
     """What a detection's shape re-check moved, for the status line ("" when it moved nothing)."""
     text = node.GetAttribute(ATTR_PLAUSIBILITY) if node is not None else None
-    names = json.loads(text).get("rechecked", []) if text else []
-    if not names:
-        return ""
-    one = len(names) == 1
-    return (f" {', '.join(names)}: looked at again where the other landmarks put {'it' if one else 'them'}"
-            f" (far from there at first); check {'it' if one else 'them'}.")
+    note = rechecked_text(json.loads(text).get("rechecked", []) if text else [])
+    return f" {note}." if note else ""
 
 
 def update_tracing(scene: Any, node: Any, lines: dict[str, tuple[str, str]], visible: bool) -> list[Any]:

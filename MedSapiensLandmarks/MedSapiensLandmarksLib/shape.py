@@ -140,6 +140,8 @@ class ShapeModel:
         xy = np.asarray(xy, dtype=np.float64)
         others = np.arange(len(xy)) != k
         use = others if use is None else np.asarray(use, dtype=bool) & others
+        if use.sum() < 2:  # nothing to align on
+            return float("inf"), xy[k].copy()
         gain, rest, inv = self._conditional()[k] if use[others].all() else self._condition(k, use)
         s, r, t = procrustes(xy, self.ref, use=use)
         v = (s * xy @ r + t).ravel()
@@ -171,7 +173,7 @@ def recheck(model: ShapeModel, xy: np.ndarray, confidence: np.ndarray,
     xy, conf = np.array(xy, dtype=np.float64), np.array(confidence, dtype=np.float64)
     suspect = np.zeros(len(xy), dtype=bool)
     order: list[int] = []
-    for _ in range(max(1, int(share * len(xy)))):
+    for _ in range(min(max(1, int(share * len(xy))), len(xy) - 3)):  # three points at least stay trusted
         z = {int(k): model.deviation(xy, k, ~suspect)[0] for k in np.flatnonzero(~suspect)}
         k = max(z, key=z.__getitem__)
         if z[k] <= limit:
@@ -191,6 +193,15 @@ def recheck(model: ShapeModel, xy: np.ndarray, confidence: np.ndarray,
             moved.append(k)
         suspect[k] = False
     return xy, conf, moved
+
+
+def rechecked_text(names: list[str]) -> str:
+    """What the re-check did, for a note or a status line ("" when it moved nothing)."""
+    if not names:
+        return ""
+    one = len(names) == 1
+    return (f"{', '.join(names)}: looked at again where the other landmarks put {'it' if one else 'them'}"
+            f" (far from there at first); check {'it' if one else 'them'}")
 
 
 @dataclass
