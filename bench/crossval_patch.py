@@ -50,6 +50,7 @@ VARIANTS: dict[str, dict] = {
     "aug": {"patch_scale": 0.2, "patch_rotation": 15.0, "patch_site_shift": 0.3},
     "long": {"refine_epochs": 100},  # the fit-first schedule: 4x base
     "hires": {"refine_size": (128, 128)},  # the same 6 % patch at twice the resolution (0.11 mm/pixel)
+    "jitter": {"refine_jitter": 0.12},  # patch-centre jitter nearer the whole-image stage's error
 }
 
 

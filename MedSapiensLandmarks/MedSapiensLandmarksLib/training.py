@@ -88,6 +88,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     # v3 with a wider exposure augmentation (issue 28, item 3: the hand model's whole-image stage
     # lost 0.11 mm to the proxy scanner's exposure curve alone; docs/benchmarks.md, round 8)
     "v3-exposure": {**_V3, "exposure": (0.7, 0.35, 0.5, 0.1)},
+    # v2 with the patch-centre jitter at the whole-image stage's error scale (0.12 patch heights,
+    # 1.7 mm per axis on ISBI, against 3.6 mm): issue 27, docs/benchmarks.md, round 9
+    "v4": {**_V2, "refine_jitter": 0.12},
 }
 
 
