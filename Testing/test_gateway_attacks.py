@@ -244,8 +244,15 @@ def test_an_upload_streams_to_disk_and_an_oversized_one_is_cut_off_without_memor
                            "POST", b"")
     assert status == 413  # a declared size over the limit: refused before reading
     assert rss_mb(proc.pid) - before[0] < 50 and rss_mb(pid) - before[1] < 50
-    files = sorted(p.name for p in session_uploads.iterdir() if p.is_file())
-    assert files == ["151.jpg"]  # no partial file left (beside it: the opened image's converted volume)
+    # no partial file left (beside it: the opened image's converted volume) once the worker has
+    # seen the cut connection, which it notices after the gateway has answered 413
+    deadline = time.monotonic() + 15
+    while True:
+        files = sorted(p.name for p in session_uploads.iterdir() if p.is_file())
+        if files == ["151.jpg"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert files == ["151.jpg"]
 
 
 def test_a_hung_worker_gets_a_timeout_and_its_reaping_does_not_stall_the_others(tmp_path):
