@@ -71,8 +71,10 @@ def test_bench_stages_account_for_the_time_and_a_slowed_stage_shows_as_that_stag
     image = ceph_dir / "images" / "151.jpg"
     parts = ["read", "preprocess", "forward", "decode", "refine", "write_mrk"]
     base = bench_image(image, repeat=3)["stages_s"]  # medians of 3: steady on a loaded machine
-    # every lap of the pipeline is reported: the stages cover the whole end-to-end time
-    assert sum(base[p] for p in parts) == pytest.approx(base["end_to_end_mrk"], rel=0.1)  # medians
+    # every lap of the pipeline is reported: in each run the stages cover the end-to-end time
+    # (within 5 %: a step outside every lap would show) and their medians add up to about it
+    assert -1e-6 < base["unaccounted"] < 0.05 * base["end_to_end_mrk"]
+    assert sum(base[p] for p in parts) == pytest.approx(base["end_to_end_mrk"], rel=0.25)
     assert base["end_to_end_mrk_png"] > base["end_to_end_mrk"]
     real = detector.Detector._coarse_input  # framing the whole image: the preprocess stage only
 

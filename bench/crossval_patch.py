@@ -1,6 +1,6 @@
 """Issue 27: 5-fold cross-validation of the patch stage over ISBI 001-150 (senior annotations).
 
-    python bench/crossval_patch.py ../shared/data/isbi2015-ceph runs/cv-patch [VARIANT ...] [--threads N]
+    python bench/crossval_patch.py ../shared/data/isbi2015-ceph runs/cv-patch [VARIANT ...] [--threads=N] [--ref=VARIANT]
 
 Each variant (`VARIANTS`: overrides of recipe v2) trains a patch net from scratch on four folds
 of 30 images (001-030, 031-060, ...) and is scored on the fifth, fold by fold and variant by
@@ -18,7 +18,7 @@ MRE / SDR 2 mm in mm of the patch stage alone, started
 
 Resumable: a finished fold is kept in OUT/<variant>/f<k>/result.json and an unfinished one
 continues from its checkpoint. Prints, and writes to OUT/summary.json, the mean over folds with
-the fold-to-fold standard deviation, and each variant's paired difference from ``base``.
+the fold-to-fold standard deviation, and each variant's paired difference from ``base`` (or ``--ref``).
 """
 from __future__ import annotations
 
@@ -51,6 +51,8 @@ VARIANTS: dict[str, dict] = {
     "long": {"refine_epochs": 100},  # the fit-first schedule: 4x base
     "hires": {"refine_size": (128, 128)},  # the same 6 % patch at twice the resolution (0.11 mm/pixel)
     "jitter": {"refine_jitter": 0.12},  # patch-centre jitter nearer the whole-image stage's error
+    "jitter08": {"refine_jitter": 0.08},  # around recipe v4's 0.12 (round 10)
+    "jitter16": {"refine_jitter": 0.16},
 }
 
 
@@ -126,7 +128,7 @@ def run_fold(variant: str, k: int, cases: list, grays: list, coarse: np.ndarray,
     return result
 
 
-def summary(out: Path, variants: list[str]) -> dict:
+def summary(out: Path, variants: list[str], ref: str = "base") -> dict:
     table: dict = {}
     for v in variants:
         done = sorted(out.glob(f"{v}/f*/result.json"))
@@ -137,9 +139,9 @@ def summary(out: Path, variants: list[str]) -> dict:
             table[v][cond] = {"mre": float(mre.mean()) if len(mre) else None,
                               "fold_sd": float(mre.std(ddof=1)) if len(mre) > 1 else None,
                               "sdr2": float(np.mean([r[cond]["sdr2"] for r in rows.values()])) if rows else None}
-            base = {p.parent.name: json.loads(p.read_text()) for p in out.glob("base/f*/result.json")}
+            base = {p.parent.name: json.loads(p.read_text()) for p in out.glob(f"{ref}/f*/result.json")}
             both = sorted(set(rows) & set(base))
-            if v != "base" and both:
+            if v != ref and both:
                 d = np.array([rows[f][cond]["mre"] - base[f][cond]["mre"] for f in both])
                 table[v][cond]["paired_diff"] = float(d.mean())
                 table[v][cond]["paired_sd"] = float(d.std(ddof=1)) if len(d) > 1 else None
@@ -147,7 +149,7 @@ def summary(out: Path, variants: list[str]) -> dict:
     return table
 
 
-def main(isbi: Path, out: Path, variants: list[str], threads: int) -> dict:
+def main(isbi: Path, out: Path, variants: list[str], threads: int, ref: str = "base") -> dict:
     cases = sorted(read_landmark_csv(isbi / "train_senior.csv", isbi / "images", spacing=SPACING_IN),
                    key=lambda c: c.case_id)  # the CSV is not in image order
     grays = [load_gray(c) for c in cases]
@@ -155,11 +157,12 @@ def main(isbi: Path, out: Path, variants: list[str], threads: int) -> dict:
     for k in range(FOLDS):
         for v in variants:
             run_fold(v, k, cases, grays, coarse, out, threads)
-            print(json.dumps({"variant": v, "fold": k, **summary(out, variants)[v]}), flush=True)
-    return summary(out, variants)
+            print(json.dumps({"variant": v, "fold": k, **summary(out, variants, ref)[v]}), flush=True)
+    return summary(out, variants, ref)
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--threads")]
-    threads = int(next((a.split("=")[1] for a in sys.argv[1:] if a.startswith("--threads=")), 1))
-    print(json.dumps(main(Path(args[0]), Path(args[1]), args[2:] or list(VARIANTS), threads), indent=1))
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
+    print(json.dumps(main(Path(args[0]), Path(args[1]), args[2:] or list(VARIANTS), int(opts.get("threads", 1)),
+                          opts.get("ref", "base")), indent=1))

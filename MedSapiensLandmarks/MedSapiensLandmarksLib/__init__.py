@@ -1,2 +1,2 @@
 """MedSapiensLandmarks core: anatomical landmark detection, headless and inside 3D Slicer."""
-__version__ = "0.2.0"
+__version__ = "0.3.0"
