@@ -60,6 +60,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     sigma: float = 1.5  # heatmap pixels
     refine_jitter: float = 0.25  # std of the patch-centre jitter, in patch heights (local stages)
+    context_jitter: float | None = None  # the context stage's (None: ``refine_jitter``)
     seed: int = 0
     threads: int = 2
     checkpoint_every_s: float = 60.0  # resumable checkpoint at most this often (and at the end)
@@ -226,9 +227,10 @@ class PatchSet(torch.utils.data.Dataset):
     """Full-resolution patches around jittered landmark positions, one item per (case, k)."""
 
     def __init__(self, cases: Sequence[Case], grays: Sequence[np.ndarray], spec: dict[str, Any],
-                 coarse_spec: dict[str, Any], cfg: TrainConfig, augment: bool) -> None:
+                 coarse_spec: dict[str, Any], cfg: TrainConfig, augment: bool, stage: str = "refine") -> None:
         self.cases, self.grays, self.augment = cases, grays, augment
-        self.spec, self.coarse_spec, self.jitter = spec, coarse_spec, cfg.refine_jitter
+        jitter = cfg.context_jitter if stage == "context" and cfg.context_jitter is not None else cfg.refine_jitter
+        self.spec, self.coarse_spec, self.jitter = spec, coarse_spec, jitter
         self.patch_scale = cfg.patch_scale
         self.rotate = v2.RandomRotation(cfg.patch_rotation)
         self.site = _SiteShift(cfg.patch_site_shift)
@@ -467,7 +469,7 @@ def fit(train_cases: Sequence[Case], val_cases: Sequence[Case], landmarks: Seque
         if stage == "coarse":
             data, batch = CoarseSet(train_cases, grays, cs, True, cfg), cfg.batch_size
         else:
-            data, batch = PatchSet(train_cases, grays, spec, cs, cfg, True), cfg.refine_batch_size
+            data, batch = PatchSet(train_cases, grays, spec, cs, cfg, True, stage), cfg.refine_batch_size
         run_stage(stage, net, data, tuple(spec["size"][::-1]), cfg, epochs[stage], batch, work,
                   validate(stage), log, softmax=spec.get("activation") == "softmax")
     nets = {stage: net.cpu() for stage, net in nets.items()}  # calibrated and exported on the CPU
