@@ -189,6 +189,28 @@ def test_data_loader_processes_draw_their_own_patch_jitter_reproducibly(cases):
     assert np.array_equal(first, targets())
 
 
+def test_the_context_stage_draws_its_patch_centres_with_its_own_jitter(cases):
+    """``context_jitter`` sets the spread of the context stage's patch centres (in patch heights),
+    ``refine_jitter`` the patch stage's; unset, the context stage takes the patch stage's."""
+    cfg = training.TrainConfig(**{**CFG, "refine_jitter": 0.25, "context_jitter": 0.05, "patch_rotation": 0.0,
+                                  "patch_scale": 0.0, "context_size": (32, 32), "context_fraction": 0.2})
+    specs = training.net_specs(cfg)
+    gray = training.load_gray(cases[0])
+    same = [cases[0]] * 300
+
+    def spread(config, stage):
+        data = training.PatchSet(same, [gray] * 300, specs[stage]["input"], specs["coarse"]["input"], config, True,
+                                 stage)
+        size = specs[stage]["input"]["size"][0]
+        offsets = [(data[i][1].numpy() - (size - 1) / 2) / size for i in range(0, 600, 2)]  # point P1
+        return np.std(offsets)
+
+    assert spread(cfg, "context") == pytest.approx(0.05, rel=0.15)
+    assert spread(cfg, "refine") == pytest.approx(0.25, rel=0.15)
+    unset = training.TrainConfig(**{**vars(cfg), "context_jitter": None})
+    assert spread(unset, "context") == pytest.approx(0.25, rel=0.15)
+
+
 def test_the_finetune_check_accepts_unless_worse_beyond_its_own_noise():
     before = np.full((2, 4), 2.0)
     # worse by 0.1 mm on average, paired differences 0.3, -0.1, 0.3, -0.1, ...: SD 0.2138, SE 0.0756
