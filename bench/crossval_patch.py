@@ -60,7 +60,7 @@ VARIANTS: dict[str, dict] = {
     "jitter08": {"refine_jitter": 0.08},  # around recipe v4's 0.12 (round 10)
     "jitter16": {"refine_jitter": 0.16},
     # a context stage (64x64 over 10 %, 0.375 mm/pixel, jitter 3.6 mm per axis) before v4's patch net
-    "cascade": {"context_fraction": 0.10, "context_jitter": 0.15, "after": "jitter"},
+    "cascade": {"context_fraction": 0.10, "context_jitter": 0.15, "context_epochs": 25, "after": "jitter"},
 }
 
 
@@ -116,7 +116,7 @@ def run_fold(variant: str, k: int, cases: list, grays: list, coarse: np.ndarray,
         with open(folder / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    epochs = cfg.context_epochs or cfg.refine_epochs
+    epochs = cfg.context_epochs if after else cfg.refine_epochs
     run_stage(stage, net, data, tuple(specs[stage]["input"]["size"][::-1]), cfg, epochs,
               cfg.refine_batch_size, folder / "work", dict, log)
     nets = {stage: net}
