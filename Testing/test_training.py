@@ -211,6 +211,27 @@ def test_the_context_stage_draws_its_patch_centres_with_its_own_jitter(cases):
     assert spread(unset, "context") == pytest.approx(0.25, rel=0.15)
 
 
+def test_a_share_of_patch_centres_comes_from_the_wide_tail(cases):
+    """``refine_jitter_tail`` (share, std): that share of the patch stage's centres is drawn from
+    the wider Gaussian, the rest from ``refine_jitter``; the context stage keeps its own jitter."""
+    cfg = training.TrainConfig(**{**CFG, "refine_jitter": 0.02, "refine_jitter_tail": (0.3, 0.4),
+                                  "patch_rotation": 0.0, "patch_scale": 0.0})
+    specs = training.net_specs(cfg)
+    gray = training.load_gray(cases[0])
+    same = [cases[0]] * 600
+    data = training.PatchSet(same, [gray] * 600, specs["refine"]["input"], specs["coarse"]["input"], cfg, True)
+    size = specs["refine"]["input"]["size"][0]
+    offsets = np.array([(data[i][1].numpy() - (size - 1) / 2) / size for i in range(0, 1200, 2)])
+    far = np.abs(offsets).max(1) > 0.1  # 5 core std: only tail draws land there
+    # P(tail) x P(max(|x|, |y|) > 0.1 | std 0.4) = 0.3 x (1 - erf(0.1 / (0.4 sqrt 2))^2) = 0.288
+    assert far.mean() == pytest.approx(0.288, abs=0.06)
+    assert np.std(offsets[~far]) == pytest.approx(0.02, rel=0.2)
+    context = training.PatchSet(same, [gray] * 600, specs["refine"]["input"], specs["coarse"]["input"], cfg, True,
+                                "context")
+    near = np.array([(context[i][1].numpy() - (size - 1) / 2) / size for i in range(0, 1200, 2)])
+    assert np.abs(near).max() < 0.1
+
+
 def test_the_finetune_check_accepts_unless_worse_beyond_its_own_noise():
     before = np.full((2, 4), 2.0)
     # worse by 0.1 mm on average, paired differences 0.3, -0.1, 0.3, -0.1, ...: SD 0.2138, SE 0.0756

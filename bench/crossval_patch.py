@@ -59,6 +59,8 @@ VARIANTS: dict[str, dict] = {
     "jitter": {"refine_jitter": 0.12},  # patch-centre jitter nearer the whole-image stage's error
     "jitter08": {"refine_jitter": 0.08},  # around recipe v4's 0.12 (round 10)
     "jitter16": {"refine_jitter": 0.16},
+    # 0.08 near the point, and a fifth of the centres 3.6 mm per axis away: the far misses too
+    "tail": {"refine_jitter": 0.08, "refine_jitter_tail": (0.2, 0.25)},
     # a context stage (64x64 over 10 %, 0.375 mm/pixel, jitter 3.6 mm per axis) before v4's patch net
     "cascade": {"context_fraction": 0.10, "context_jitter": 0.15, "context_epochs": 25, "after": "jitter"},
 }

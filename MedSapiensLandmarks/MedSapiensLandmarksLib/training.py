@@ -61,6 +61,8 @@ class TrainConfig:
     sigma: float = 1.5  # heatmap pixels
     refine_jitter: float = 0.25  # std of the patch-centre jitter, in patch heights (local stages)
     context_jitter: float | None = None  # the context stage's (None: ``refine_jitter``)
+    refine_jitter_tail: tuple[float, float] = (0.0, 0.0)  # (share, std in patch heights): that share
+    # of the patch stage's centres is drawn from a wider Gaussian (the whole-image stage's far misses)
     seed: int = 0
     threads: int = 2
     checkpoint_every_s: float = 60.0  # resumable checkpoint at most this often (and at the end)
@@ -231,6 +233,7 @@ class PatchSet(torch.utils.data.Dataset):
         self.cases, self.grays, self.augment = cases, grays, augment
         jitter = cfg.context_jitter if stage == "context" and cfg.context_jitter is not None else cfg.refine_jitter
         self.spec, self.coarse_spec, self.jitter = spec, coarse_spec, jitter
+        self.tail = cfg.refine_jitter_tail if stage == "refine" else (0.0, 0.0)
         self.patch_scale = cfg.patch_scale
         self.rotate = v2.RandomRotation(cfg.patch_rotation)
         self.site = _SiteShift(cfg.patch_site_shift)
@@ -250,7 +253,8 @@ class PatchSet(torch.utils.data.Dataset):
         centre = case.xy[k].astype(np.float64)
         scale = 1.0
         if self.augment:
-            centre = centre + self.rng.normal(0, self.jitter * sh, 2)
+            wide = self.tail[0] > 0 and self.rng.random() < self.tail[0]  # no draw: v2-v4 unchanged
+            centre = centre + self.rng.normal(0, (self.tail[1] if wide else self.jitter) * sh, 2)
             scale = math.exp(self.rng.uniform(-self.patch_scale, self.patch_scale))
         patch = Box(float(centre[0]), float(centre[1]), sh * scale * pw / ph, sh * scale)
         plane = torch.from_numpy(warp(gray, patch, (pw, ph), antialias=self.spec.get("antialias", False))[None] / 255.0)
