@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from MedSapiensLandmarksLib import training
 from MedSapiensLandmarksLib.detector import Detector
@@ -230,6 +231,34 @@ def test_a_share_of_patch_centres_comes_from_the_wide_tail(cases):
                                 "context")
     near = np.array([(context[i][1].numpy() - (size - 1) / 2) / size for i in range(0, 1200, 2)])
     assert np.abs(near).max() < 0.1
+
+
+def test_a_stage_with_ema_ends_on_the_moving_average_of_its_weights(tmp_path, cases):
+    """``ema_decay`` d: after step t the average is d * avg + (1 - d) * w_t (the first step copies
+    w_1); the stage ends with it, and the checkpoint keeps the raw weights beside it."""
+    cfg = training.TrainConfig(**{**CFG, "ema_decay": 0.6, "lr": 2.0})  # warm-up: steps of 0.02-0.08
+    specs = training.net_specs(cfg)
+    net = LandmarkNet({**specs["coarse"]["net"], "num_keypoints": 2})
+    data = training.CoarseSet(cases[:4], [training.load_gray(c) for c in cases[:4]], specs["coarse"]["input"],
+                              True, cfg)
+    seen = []
+    hook = register_optimizer_step_post_hook(
+        lambda *_: seen.append({k: v.detach().clone() for k, v in net.state_dict().items()}))
+    try:
+        training.run_stage("coarse", net, data, (48, 64), cfg, 2, 2, tmp_path, dict, lambda r: None)
+    finally:
+        hook.remove()
+    assert len(seen) == 4  # 2 epochs x 2 batches
+    key = "head.weight"
+    expected = seen[0][key]
+    for w in seen[1:]:
+        expected = 0.6 * expected + 0.4 * w[key]
+    assert torch.allclose(net.state_dict()[key], expected, atol=1e-6)
+    assert not torch.allclose(seen[-1][key], expected, atol=1e-4)  # the average is not the last step
+    state = torch.load(tmp_path / "coarse.ckpt", weights_only=True)
+    assert torch.equal(state["net"][key], seen[-1][key])
+    running = "backbone.decoder.0.conv.1.running_mean"  # batch-norm statistics are averaged too
+    assert not torch.allclose(net.state_dict()[running], seen[-1][running])
 
 
 def test_the_finetune_check_accepts_unless_worse_beyond_its_own_noise():

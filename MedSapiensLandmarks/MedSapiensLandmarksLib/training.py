@@ -63,6 +63,7 @@ class TrainConfig:
     context_jitter: float | None = None  # the context stage's (None: ``refine_jitter``)
     refine_jitter_tail: tuple[float, float] = (0.0, 0.0)  # (share, std in patch heights): that share
     # of the patch stage's centres is drawn from a wider Gaussian (the whole-image stage's far misses)
+    ema_decay: float = 0.0  # > 0: the stage ends with an exponential moving average of its weights
     seed: int = 0
     threads: int = 2
     checkpoint_every_s: float = 60.0  # resumable checkpoint at most this often (and at the end)
@@ -290,6 +291,9 @@ def run_stage(name: str, net: LandmarkNet, data: torch.utils.data.Dataset, in_wh
     total = epochs * len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda it: min(1.0, (it + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(it, total) / total)))
+    ema = torch.optim.swa_utils.AveragedModel(
+        net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True
+    ) if cfg.ema_decay > 0 else None
     ckpt, start = work / f"{name}.ckpt", 0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True, map_location=device)
@@ -297,6 +301,8 @@ def run_stage(name: str, net: LandmarkNet, data: torch.utils.data.Dataset, in_wh
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start = state["epoch"]
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
     saved = time.time()
     for epoch in range(start, epochs):
         seed_everything(cfg.seed * 1000 + epoch, data)  # per-epoch seeds: resume == no stop
@@ -318,6 +324,8 @@ def run_stage(name: str, net: LandmarkNet, data: torch.utils.data.Dataset, in_wh
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(net)
             losses.append(loss.item())
         net.eval()
         record = {"stage": name, "epoch": epoch + 1, "loss": float(np.mean(losses)),
@@ -327,8 +335,10 @@ def run_stage(name: str, net: LandmarkNet, data: torch.utils.data.Dataset, in_wh
         if epoch + 1 == epochs or time.time() - saved >= cfg.checkpoint_every_s:
             with atomic_write(ckpt) as tmp:
                 torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                            "epoch": epoch + 1}, tmp)
+                            "epoch": epoch + 1, **({"ema": ema.state_dict()} if ema is not None else {})}, tmp)
             saved = time.time()
+    if ema is not None:  # the checkpoint keeps the last raw weights beside the average
+        net.load_state_dict(ema.module.state_dict())
 
 
 def transfer(source: torch.nn.Module, target: torch.nn.Module) -> list[str]:
