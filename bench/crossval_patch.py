@@ -1,6 +1,7 @@
 """Issue 27: 5-fold cross-validation of the patch stage over ISBI 001-150 (senior annotations).
 
     python bench/crossval_patch.py ../shared/data/isbi2015-ceph runs/cv-patch [VARIANT ...] [--threads=N] [--ref=VARIANT]
+                                   [--coarse-cv=runs/cv-coarse/base]
 
 Each variant (`VARIANTS`: overrides of recipe v2) trains a patch net from scratch on four folds
 of 30 images (001-030, 031-060, ...) and is scored on the fifth, fold by fold and variant by
@@ -17,6 +18,9 @@ MRE / SDR 2 mm in mm of the patch stage alone, started
 - ``train``: as ``start``, on the first 15 training images of the fold (the fit diagnosis);
 - ``coarse_scaled``: the ``coarse`` error of each point scaled so that its mean is the whole-image
   stage's validation MRE (1.44 mm, round 4): the real error pattern at its out-of-sample size.
+- ``coarse_oos_raw`` / ``coarse_oos_ema`` (with ``--coarse-cv``): on the points of the fold's own
+  whole-image net from bench/crossval_coarse.py, trained on the same four folds: the pipeline's
+  real out-of-sample start, so this condition is the cross-validated error of the whole pipeline.
 
 A variant with ``"after": V`` trains a *context* net (the wide stage before the patch stage,
 `TrainConfig.context_*`) and is scored as that net followed by variant V's patch net of the fold.
@@ -50,7 +54,7 @@ from MedSapiensLandmarksLib.training import PatchSet, image_box, load_gray, net_
 from proxy_site import SPACING_IN, SPACING_OUT, simulate, to_new_pixels  # noqa: E402
 
 FOLDS, START_MM, TRAIN_SCORED, COARSE_VAL_MM = 5, 1.2, 15, 1.44
-CONDITIONS = ("annotation", "start", "coarse", "scanner", "train", "coarse_scaled")
+CONDITIONS = ("annotation", "start", "coarse", "scanner", "train", "coarse_scaled", "coarse_oos_raw", "coarse_oos_ema")
 VARIANTS: dict[str, dict] = {
     "base": {},  # the shipped patch stage of recipe v2 (25 epochs)
     "aug": {"patch_scale": 0.2, "patch_rotation": 15.0, "patch_site_shift": 0.3},
@@ -96,7 +100,19 @@ def coarse_points(cases: list, out: Path, threads: int) -> np.ndarray:
     return np.load(path)
 
 
-def run_fold(variant: str, k: int, cases: list, grays: list, coarse: np.ndarray, out: Path, threads: int) -> dict:
+def oos_points(coarse_cv: Path | None, k: int, ids: list[str]) -> dict[str, np.ndarray]:
+    """Fold k's out-of-sample whole-image points (bench/crossval_coarse.py), per form, if that fold is done."""
+    folder = coarse_cv / f"f{k}" if coarse_cv else None
+    if folder is None or not (folder / "result.json").exists():
+        return {}
+    if json.loads((folder / "result.json").read_text())["held_out"] != ids:
+        raise ValueError(f"{folder}: its held-out images are not fold {k}'s")
+    return {f"coarse_oos_{form}": np.load(path) for form in ("raw", "ema")
+            if (path := folder / f"held_points_{form}.npy").exists()}
+
+
+def run_fold(variant: str, k: int, cases: list, grays: list, coarse: np.ndarray, out: Path, threads: int,
+             coarse_cv: Path | None = None) -> dict:
     folder = out / variant / f"f{k}"
     if (folder / "result.json").exists():
         return json.loads((folder / "result.json").read_text())
@@ -123,7 +139,7 @@ def run_fold(variant: str, k: int, cases: list, grays: list, coarse: np.ndarray,
               cfg.refine_batch_size, folder / "work", dict, log)
     nets = {stage: net}
     if after:  # the fold's patch net of variant ``after`` (trained first)
-        run_fold(after, k, cases, grays, coarse, out, threads)
+        run_fold(after, k, cases, grays, coarse, out, threads, coarse_cv)
         card["refine"] = net_specs(recipe("v2", **VARIANTS[after]))["refine"]
         nets["refine"] = LandmarkNet({**card["refine"]["net"], "num_keypoints": len(CEPH_19)})
         nets["refine"].load_state_dict(torch.load(out / after / f"f{k}" / "work" / "refine.ckpt",
@@ -148,6 +164,7 @@ def run_fold(variant: str, k: int, cases: list, grays: list, coarse: np.ndarray,
                        np.stack([starts(t, cases[i].case_id, SPACING_IN) for t, i in zip(seen_truth, seen)]),
                        SPACING_IN),
         "coarse_scaled": score(det, held_grays, truth, truth + factor * (coarse[held_ids] - truth), SPACING_IN),
+        **{cond: score(det, held_grays, truth, start, SPACING_IN) for cond, start in oos_points(coarse_cv, k, ids).items()},
         "held_out": ids, "config": VARIANTS[variant], "epochs": epochs, "coarse_factor": float(factor),
     }
     (folder / "result.json").write_text(json.dumps(result, indent=1))
@@ -160,13 +177,14 @@ def summary(out: Path, variants: list[str], ref: str = "base") -> dict:
         done = sorted(out.glob(f"{v}/f*/result.json"))
         rows = {p.parent.name: json.loads(p.read_text()) for p in done}
         table[v] = {"folds": sorted(rows)}
+        base = {p.parent.name: json.loads(p.read_text()) for p in out.glob(f"{ref}/f*/result.json")}
         for cond in CONDITIONS:
-            mre = np.array([r[cond]["mre"] for r in rows.values()])
-            table[v][cond] = {"mre": float(mre.mean()) if len(mre) else None,
+            have = [r for r in rows.values() if cond in r]
+            mre = np.array([r[cond]["mre"] for r in have])
+            table[v][cond] = {"folds": len(have), "mre": float(mre.mean()) if len(mre) else None,
                               "fold_sd": float(mre.std(ddof=1)) if len(mre) > 1 else None,
-                              "sdr2": float(np.mean([r[cond]["sdr2"] for r in rows.values()])) if rows else None}
-            base = {p.parent.name: json.loads(p.read_text()) for p in out.glob(f"{ref}/f*/result.json")}
-            both = sorted(set(rows) & set(base))
+                              "sdr2": float(np.mean([r[cond]["sdr2"] for r in have])) if have else None}
+            both = sorted(f for f in set(rows) & set(base) if cond in rows[f] and cond in base[f])
             if v != ref and both:
                 d = np.array([rows[f][cond]["mre"] - base[f][cond]["mre"] for f in both])
                 table[v][cond]["paired_diff"] = float(d.mean())
@@ -175,14 +193,15 @@ def summary(out: Path, variants: list[str], ref: str = "base") -> dict:
     return table
 
 
-def main(isbi: Path, out: Path, variants: list[str], threads: int, ref: str = "base") -> dict:
+def main(isbi: Path, out: Path, variants: list[str], threads: int, ref: str = "base",
+         coarse_cv: Path | None = None, folds: int = FOLDS) -> dict:
     cases = sorted(read_landmark_csv(isbi / "train_senior.csv", isbi / "images", spacing=SPACING_IN),
                    key=lambda c: c.case_id)  # the CSV is not in image order
     grays = [load_gray(c) for c in cases]
     coarse = coarse_points(cases, out, threads)
-    for k in range(FOLDS):
+    for k in range(folds):
         for v in variants:
-            run_fold(v, k, cases, grays, coarse, out, threads)
+            run_fold(v, k, cases, grays, coarse, out, threads, coarse_cv)
             print(json.dumps({"variant": v, "fold": k, **summary(out, variants, ref)[v]}), flush=True)
     return summary(out, variants, ref)
 
@@ -191,4 +210,5 @@ if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
     print(json.dumps(main(Path(args[0]), Path(args[1]), args[2:] or list(VARIANTS), int(opts.get("threads", 1)),
-                          opts.get("ref", "base")), indent=1))
+                          opts.get("ref", "base"), Path(opts["coarse-cv"]) if "coarse-cv" in opts else None,
+                          int(opts.get("folds", FOLDS))), indent=1))
