@@ -40,6 +40,7 @@ from crossval_patch import FOLDS, SPACING_IN, TRAIN_SCORED  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
     # the shipped whole-image stage's recipe (40 epochs), with an average of its weights beside it
+    # (0.998 lags the cosine schedule: +0.128 ± 0.018 mm against the raw weights, round 13)
     "base": {"ema_decay": 0.998},
 }
 
