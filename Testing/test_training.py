@@ -233,6 +233,39 @@ def test_a_share_of_patch_centres_comes_from_the_wide_tail(cases):
     assert np.abs(near).max() < 0.1
 
 
+def test_the_smooth_warp_moves_each_keypoint_with_the_image_content():
+    """`_SmoothWarp`: a bright dot ends where its keypoint is moved to (the inverse of the
+    sampling field), the points move by about ``std`` x the shorter side, and p = 0 is identity."""
+    h, w = 256, 208
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    warp = training._SmoothWarp(1.0, 0.02)
+    torch.manual_seed(0)
+    miss, moved = [], []
+    for x, y in np.random.default_rng(0).uniform([40, 40], [w - 40, h - 40], (40, 2)):
+        dot = torch.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * 1.5 ** 2))[None]
+        out, kp = warp(dot, torch.tensor([[x, y]], dtype=torch.float32))
+        weight = out[0] / out[0].sum()
+        centroid = torch.stack([(weight * xs).sum(), (weight * ys).sum()])
+        miss.append(float((centroid - kp[0]).norm()))
+        moved.append(float((kp[0] - torch.tensor([x, y])).norm()))
+    assert max(miss) < 0.3  # pixels
+    # the 2-D displacement of std s per axis has a mean norm of s sqrt(pi / 2); the bicubic field
+    # between control points is smoother than at them, so somewhat less
+    assert 0.5 * 0.02 * w * 1.2533 < np.mean(moved) < 1.2 * 0.02 * w * 1.2533
+    same, kp = training._SmoothWarp(0.0, 0.02)(dot, torch.tensor([[1.0, 2.0]]))
+    assert same is dot and kp.tolist() == [[1.0, 2.0]]
+
+
+def test_coarse_set_geometry_follows_the_config(cases):
+    """The whole-image stage's rotation, shift and warp come from `TrainConfig`."""
+    cfg = training.TrainConfig(**{**CFG, "coarse_rotation": 15.0, "coarse_translate": 0.08,
+                                  "coarse_warp": (0.5, 0.015)})
+    data = training.CoarseSet(cases[:1], [training.load_gray(cases[0])], training.net_specs(cfg)["coarse"]["input"],
+                              True, cfg)
+    assert list(data.affine.degrees) == [-15.0, 15.0] and tuple(data.affine.translate) == (0.08, 0.08)
+    assert (data.warp.p, data.warp.std) == (0.5, 0.015)
+
+
 def test_a_stage_with_ema_ends_on_the_moving_average_of_its_weights(tmp_path, cases):
     """``ema_decay`` d: after step t the average is d * avg + (1 - d) * w_t (the first step copies
     w_1); the stage ends with it, and the checkpoint keeps the raw weights beside it."""

@@ -44,6 +44,10 @@ class TrainConfig:
     refine_encoder: str | None = None  # encoder of the local nets (None: ``encoder``)
     refine_depth: int | None = None  # encoder levels of the local nets (None: all)
     scale_range: tuple[float, float] = (0.9, 1.1)  # coarse affine scale augmentation
+    coarse_rotation: float = 8.0  # coarse affine rotation +- degrees
+    coarse_translate: float = 0.04  # coarse affine shift +- fraction of the input size
+    coarse_warp: tuple[float, float] = (0.0, 0.0)  # (probability, std as a fraction of the shorter
+    # side) of a smooth random deformation of the whole image (`_SmoothWarp`): anatomy's variation
     patch_scale: float = 0.1  # local patches: log-uniform scale jitter +-
     patch_rotation: float = 10.0  # local patches: rotation jitter +- degrees
     patch_site_shift: float = 0.0  # local patches: probability of each `_SiteShift` change
@@ -153,6 +157,34 @@ class _Photometric:
         return self.noise(self.blur(img.clamp(0, 1))).clamp(0, 1)
 
 
+class _SmoothWarp:
+    """Smooth random deformation of a plane (1, H, W) and its keypoints (K, 2) in pixels, with
+    probability ``p``: Gaussian displacements (std ``std`` x the shorter side) on a ``grid`` of
+    control points, upsampled bicubically; keypoints move by the field's inverse (fixed point)."""
+
+    def __init__(self, p: float, std: float, grid: tuple[int, int] = (5, 4)) -> None:
+        self.p, self.std, self.grid = p, std, grid
+
+    def __call__(self, img: torch.Tensor, kp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.p <= 0 or random.random() >= self.p:
+            return img, kp
+        h, w = img.shape[-2:]
+        coarse = torch.randn((1, 2, *self.grid)) * self.std * min(h, w)
+        field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)  # (1, 2, H, W) px
+        scale = torch.tensor([2 / (w - 1), 2 / (h - 1)])
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                indexing="ij")
+        where = torch.stack([xs, ys], -1) + field[0].permute(1, 2, 0)  # output pixel -> input position
+        out = F.grid_sample(img[None].float(), (where * scale - 1)[None], mode="bilinear",
+                            padding_mode="zeros", align_corners=True)[0]
+        moved = kp.clone()
+        for _ in range(5):  # solve out + field(out) = kp
+            at = F.grid_sample(field, (moved * scale - 1)[None, None], mode="bilinear", padding_mode="border",
+                               align_corners=True)[0, :, 0].T
+            moved = kp - at
+        return out, moved
+
+
 class _SiteShift:
     """What changes between scanners and sites, on a [0, 1] plane (1, H, W), each with
     probability ``p``: a collimation border, burned-in marks (text, rulers), JPEG compression."""
@@ -210,7 +242,9 @@ class CoarseSet(torch.utils.data.Dataset):
             plane = torch.from_numpy(warp(gray, box, (w, h), antialias=spec.get("antialias", False)) / 255.0)
             self.items.append((plane, torch.tensor(box.to_grid(case.xy, (w, h)), dtype=torch.float32)))
         self.spec, self.size, self.augment = spec, (h, w), augment
-        self.affine = v2.RandomAffine(degrees=8, translate=(0.04, 0.04), scale=tuple(cfg.scale_range))
+        self.affine = v2.RandomAffine(degrees=cfg.coarse_rotation, translate=(cfg.coarse_translate,) * 2,
+                                      scale=tuple(cfg.scale_range))
+        self.warp = _SmoothWarp(*cfg.coarse_warp)
         self.photo = _Photometric(cfg.exposure)
         self.site = _SiteShift(cfg.site_shift)
 
@@ -222,7 +256,8 @@ class CoarseSet(torch.utils.data.Dataset):
         img = tv_tensors.Image(plane[None])
         if self.augment:
             img, kp = self.affine(img, tv_tensors.KeyPoints(kp, canvas_size=self.size))
-            img = self.site(self.photo(torch.as_tensor(img)))
+            img, kp = self.warp(torch.as_tensor(img), torch.as_tensor(kp))
+            img = self.site(self.photo(img))
         return _normalise(torch.as_tensor(img), self.spec), torch.as_tensor(kp)
 
 
