@@ -1,11 +1,12 @@
 """Issue 28, item 2: on the proxy site, the layer only, the panel's Fine-tune only, and both
 (Fine-tune, then the layer refitted on the fine-tuned model's detections of the same cases).
 
-    python bench/site_finetune.py ../shared/data/isbi2015-ceph runs/proxy-site runs/s8/site-ft [MODEL]
+    python bench/site_finetune.py ../shared/data/isbi2015-ceph runs/proxy-site runs/s8/site-ft [MODEL] [--threads=N]
 
 For N = 3, 5, 10, 25 the first N proxy images are the corrected cases: Fine-tune is the panel's
 (`train --init MODEL`, 20 + 10 epochs, the last N // 5 cases held back for its check); the rest
-are scored, as in bench/site_adaptation.py. Resumable: finished fine-tunes are kept in OUT/N<n>.
+are scored, as in bench/site_adaptation.py. ``--threads`` (default 1: beside a training job; the
+panel's own is 2) goes to every Fine-tune. Resumable: finished fine-tunes are kept in OUT/N<n>.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ from proxy_site import SPACING_OUT  # noqa: E402
 from site_adaptation import SIZES, both, detections, layered  # noqa: E402  (bench/ is on sys.path when run)
 
 
+THREADS = 1  # of each Fine-tune (``--threads``)
+
+
 def finetune(csv: Path, images: Path, out: Path, model: str, ids: list[str], spacing: float | None) -> tuple[Path, dict]:
     """The panel's Fine-tune of MODEL on the cases ``ids`` of CSV (kept in OUT/N<n>) and its report."""
     folder = out / f"N{len(ids)}"
@@ -36,7 +40,7 @@ def finetune(csv: Path, images: Path, out: Path, model: str, ids: list[str], spa
         subprocess.run([sys.executable, "-m", "MedSapiensLandmarksLib.cli", "train", "--csv", str(csv),
                         "--images", str(images), *(["--spacing", str(spacing)] if spacing else []),
                         "--ids", ",".join(ids), "--val-count", str(max(1, len(ids) // 5)), "--init", model,
-                        "--threads", "1", "--coarse-epochs", str(FINETUNE_EPOCHS["coarse_epochs"]),
+                        "--threads", str(THREADS), "--coarse-epochs", str(FINETUNE_EPOCHS["coarse_epochs"]),
                         "--refine-epochs", str(FINETUNE_EPOCHS["refine_epochs"]), "-o", str(folder)],
                        check=True, cwd=ROOT / "MedSapiensLandmarks")
         (folder / "wall_s.txt").write_text(f"{time.time() - t:.0f}\n")
@@ -86,5 +90,7 @@ def main(isbi: Path, proxy: Path, out: Path, model: str = "default") -> dict:
 
 
 if __name__ == "__main__":
-    res = main(*(Path(a).resolve() for a in sys.argv[1:4]), *(sys.argv[4:5]))
+    args = [a for a in sys.argv[1:] if not a.startswith("--threads=")]
+    THREADS = next((int(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("--threads=")), THREADS)
+    res = main(*(Path(a).resolve() for a in args[:3]), *(args[3:4]))
     print(json.dumps(res, indent=1))
