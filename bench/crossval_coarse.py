@@ -1,6 +1,6 @@
 """Issue 27: cross-validation of the whole-image stage over ISBI 001-150 (senior annotations).
 
-    python bench/crossval_coarse.py ../shared/data/isbi2015-ceph runs/cv-coarse [VARIANT ...] [--threads=N] [--folds=K]
+    python bench/crossval_coarse.py ../shared/data/isbi2015-ceph runs/cv-coarse [VARIANT ...] [--threads=N] [--folds=K|i,j,...]
 
 The folds are bench/crossval_patch.py's (30 images each: 001-030, 031-060, ...). Each variant
 (`VARIANTS`: overrides of recipe v4) trains a whole-image net from scratch on four folds and
@@ -120,12 +120,17 @@ def summary(out: Path, variants: list[str]) -> dict:
     return table
 
 
-def main(isbi: Path, out: Path, variants: list[str], threads: int, folds: int = FOLDS) -> dict:
+def fold_list(text: str) -> list[int]:
+    """``--folds``: a count K (folds 0..K-1) or the fold numbers themselves, comma-separated."""
+    return [int(k) for k in text.split(",") if k] if "," in text else list(range(int(text)))
+
+
+def main(isbi: Path, out: Path, variants: list[str], threads: int, folds: list[int] = list(range(FOLDS))) -> dict:
     cases = sorted(read_landmark_csv(isbi / "train_senior.csv", isbi / "images", spacing=SPACING_IN),
                    key=lambda c: c.case_id)
     grays = [load_gray(c) for c in cases]
     torch.set_num_threads(threads)
-    for k in range(folds):
+    for k in folds:
         for v in variants:
             run_fold(v, k, cases, grays, out, threads)
             print(json.dumps({"variant": v, "fold": k, **summary(out, variants)[v]}), flush=True)
@@ -136,4 +141,4 @@ if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
     print(json.dumps(main(Path(args[0]), Path(args[1]), args[2:] or list(VARIANTS), int(opts.get("threads", 1)),
-                          int(opts.get("folds", FOLDS))), indent=1))
+                          fold_list(opts.get("folds", str(FOLDS)))), indent=1))
