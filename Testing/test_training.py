@@ -266,6 +266,15 @@ def test_coarse_set_geometry_follows_the_config(cases):
     assert (data.warp.p, data.warp.std) == (0.5, 0.015)
 
 
+def test_recipe_v5_is_v4_with_the_cross_validated_geometry_only():
+    """v5 is what bench/crossval_coarse.py's ``strong`` variant measured: v4 plus rotation 15,
+    shift 8 % and the smooth warp, nothing else; v5-640 changes only the whole-image size."""
+    v4, v5, v5_640 = (vars(training.recipe(n)) for n in ("v4", "v5", "v5-640"))
+    assert {k: v5[k] for k in v5 if v5[k] != v4[k]} == {
+        "coarse_rotation": 15.0, "coarse_translate": 0.08, "coarse_warp": (0.5, 0.015)}
+    assert {k: v5_640[k] for k in v5 if v5_640[k] != v5[k]} == {"coarse_size": (640, 512)}
+
+
 def test_a_stage_with_ema_ends_on_the_moving_average_of_its_weights(tmp_path, cases):
     """``ema_decay`` d: after step t the average is d * avg + (1 - d) * w_t (the first step copies
     w_1); the stage ends with it, and the checkpoint keeps the raw weights beside it."""

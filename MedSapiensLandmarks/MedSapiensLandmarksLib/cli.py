@@ -450,8 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default 1e-3; lower it to continue training a model)")
     t.add_argument("--recipe", default="v1",
-                   help="architecture + augmentation recipe (training.RECIPES: v1, v2, v3, v4, v2-640, v2-800, "
-                        "v3-exposure)")
+                   help="architecture + augmentation recipe (training.RECIPES: v1, v2, v3, v4, v5, v2-640, v2-800, "
+                        "v5-640, v3-exposure)")
     t.add_argument("--reframe", nargs="+", default=[], choices=["coarse", "context", "refine"],
                    help="with --init: these stages keep their weights but take the recipe's input size "
                         "and patch extent")
