@@ -36,7 +36,7 @@ from MedSapiensLandmarksLib.metrics import radial_errors  # noqa: E402
 from MedSapiensLandmarksLib.model import LandmarkNet  # noqa: E402
 from MedSapiensLandmarksLib.training import CoarseSet, load_gray, net_specs, recipe, run_stage  # noqa: E402
 
-from crossval_patch import FOLDS, SPACING_IN, TRAIN_SCORED  # noqa: E402
+from crossval_patch import FOLDS, SPACING_IN, TRAIN_SCORED, fold_list  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
     # the shipped whole-image stage's recipe (40 epochs), with an average of its weights beside it
@@ -118,11 +118,6 @@ def summary(out: Path, variants: list[str]) -> dict:
                                               "sd": float(d.std(ddof=1)) if len(d) > 1 else None}
     (out / "summary.json").write_text(json.dumps(table, indent=1))
     return table
-
-
-def fold_list(text: str) -> list[int]:
-    """``--folds``: a count K (folds 0..K-1) or the fold numbers themselves, comma-separated."""
-    return [int(k) for k in text.split(",") if k] if "," in text else list(range(int(text)))
 
 
 def main(isbi: Path, out: Path, variants: list[str], threads: int, folds: list[int] = list(range(FOLDS))) -> dict:

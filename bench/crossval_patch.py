@@ -1,7 +1,7 @@
 """Issue 27: 5-fold cross-validation of the patch stage over ISBI 001-150 (senior annotations).
 
     python bench/crossval_patch.py ../shared/data/isbi2015-ceph runs/cv-patch [VARIANT ...] [--threads=N] [--ref=VARIANT]
-                                   [--coarse-cv=runs/cv-coarse/base]
+                                   [--coarse-cv=runs/cv-coarse/base] [--folds=K|i,j,...]
 
 Each variant (`VARIANTS`: overrides of recipe v2) trains a patch net from scratch on four folds
 of 30 images (001-030, 031-060, ...) and is scored on the fifth, fold by fold and variant by
@@ -193,13 +193,18 @@ def summary(out: Path, variants: list[str], ref: str = "base") -> dict:
     return table
 
 
+def fold_list(text: str) -> list[int]:
+    """``--folds``: a count K (folds 0..K-1) or the fold numbers themselves, comma-separated."""
+    return [int(k) for k in text.split(",") if k] if "," in text else list(range(int(text)))
+
+
 def main(isbi: Path, out: Path, variants: list[str], threads: int, ref: str = "base",
-         coarse_cv: Path | None = None, folds: int = FOLDS) -> dict:
+         coarse_cv: Path | None = None, folds: list[int] = list(range(FOLDS))) -> dict:
     cases = sorted(read_landmark_csv(isbi / "train_senior.csv", isbi / "images", spacing=SPACING_IN),
                    key=lambda c: c.case_id)  # the CSV is not in image order
     grays = [load_gray(c) for c in cases]
     coarse = coarse_points(cases, out, threads)
-    for k in range(folds):
+    for k in folds:
         for v in variants:
             run_fold(v, k, cases, grays, coarse, out, threads, coarse_cv)
             print(json.dumps({"variant": v, "fold": k, **summary(out, variants, ref)[v]}), flush=True)
@@ -211,4 +216,4 @@ if __name__ == "__main__":
     opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
     print(json.dumps(main(Path(args[0]), Path(args[1]), args[2:] or list(VARIANTS), int(opts.get("threads", 1)),
                           opts.get("ref", "base"), Path(opts["coarse-cv"]) if "coarse-cv" in opts else None,
-                          int(opts.get("folds", FOLDS))), indent=1))
+                          fold_list(opts.get("folds", str(FOLDS)))), indent=1))
