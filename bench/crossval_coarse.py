@@ -1,6 +1,7 @@
 """Issue 27: cross-validation of the whole-image stage over ISBI 001-150 (senior annotations).
 
-    python bench/crossval_coarse.py ../shared/data/isbi2015-ceph runs/cv-coarse [VARIANT ...] [--threads=N] [--folds=K|i,j,...]
+    python bench/crossval_coarse.py ../shared/data/isbi2015-ceph runs/cv-coarse [VARIANT ...] [--threads=N]
+                                    [--folds=K|i,j,...]
 
 The folds are bench/crossval_patch.py's (30 images each: 001-030, 031-060, ...). Each variant
 (`VARIANTS`: overrides of recipe v4) trains a whole-image net from scratch on four folds and
@@ -120,7 +121,7 @@ def summary(out: Path, variants: list[str]) -> dict:
     return table
 
 
-def main(isbi: Path, out: Path, variants: list[str], threads: int, folds: list[int] = list(range(FOLDS))) -> dict:
+def main(isbi: Path, out: Path, variants: list[str], threads: int, folds: tuple[int, ...] | list[int] = tuple(range(FOLDS))) -> dict:
     cases = sorted(read_landmark_csv(isbi / "train_senior.csv", isbi / "images", spacing=SPACING_IN),
                    key=lambda c: c.case_id)
     grays = [load_gray(c) for c in cases]

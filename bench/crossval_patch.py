@@ -199,7 +199,7 @@ def fold_list(text: str) -> list[int]:
 
 
 def main(isbi: Path, out: Path, variants: list[str], threads: int, ref: str = "base",
-         coarse_cv: Path | None = None, folds: list[int] = list(range(FOLDS))) -> dict:
+         coarse_cv: Path | None = None, folds: tuple[int, ...] | list[int] = tuple(range(FOLDS))) -> dict:
     cases = sorted(read_landmark_csv(isbi / "train_senior.csv", isbi / "images", spacing=SPACING_IN),
                    key=lambda c: c.case_id)  # the CSV is not in image order
     grays = [load_gray(c) for c in cases]
