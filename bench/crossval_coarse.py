@@ -121,7 +121,8 @@ def summary(out: Path, variants: list[str]) -> dict:
     return table
 
 
-def main(isbi: Path, out: Path, variants: list[str], threads: int, folds: tuple[int, ...] | list[int] = tuple(range(FOLDS))) -> dict:
+def main(isbi: Path, out: Path, variants: list[str], threads: int,
+         folds: tuple[int, ...] | list[int] = tuple(range(FOLDS))) -> dict:
     cases = sorted(read_landmark_csv(isbi / "train_senior.csv", isbi / "images", spacing=SPACING_IN),
                    key=lambda c: c.case_id)
     grays = [load_gray(c) for c in cases]
