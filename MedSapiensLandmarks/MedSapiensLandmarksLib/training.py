@@ -86,8 +86,8 @@ _V2: dict[str, Any] = dict(
     coarse_size=(512, 416), coarse_decoder=(128, 64, 32, 32), refine_encoder="resnet10t",
     refine_decoder=(64, 32, 32), refine_depth=4, scale_range=(0.8, 1.25), patch_scale=0.1, site_shift=0.3)
 _V3: dict[str, Any] = {**_V2, "refine_size": (128, 128), "refine_fraction": 0.12, "refine_jitter": 0.1}
-_V5: dict[str, Any] = {**_V2, "refine_jitter": 0.12, "coarse_rotation": 15.0, "coarse_translate": 0.08,
-                       "coarse_warp": (0.5, 0.015)}
+_V4: dict[str, Any] = {**_V2, "refine_jitter": 0.12}
+_V5: dict[str, Any] = {**_V4, "coarse_rotation": 15.0, "coarse_translate": 0.08, "coarse_warp": (0.5, 0.015)}
 RECIPES: dict[str, dict[str, Any]] = {
     "v1": {},
     "v2": _V2,
@@ -100,7 +100,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "v3-exposure": {**_V3, "exposure": (0.7, 0.35, 0.5, 0.1)},
     # v2 with the patch-centre jitter at the whole-image stage's error scale (0.12 patch heights,
     # 1.7 mm per axis on ISBI, against 3.6 mm): issue 27, docs/benchmarks.md, round 9
-    "v4": {**_V2, "refine_jitter": 0.12},
+    "v4": _V4,
     # v4 with stronger whole-image geometry (rotation +-15, shift +-8 %, half the images smoothly
     # deformed): better on each of three folds, -0.030 +- 0.027 mm (docs/benchmarks.md, round 14);
     # "v5-640" is the same at 640x512, the GPU path's candidate
